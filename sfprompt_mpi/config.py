@@ -1,0 +1,276 @@
+"""Run configuration: nested dataclasses, TOML files, CLI overrides, checks.
+
+A config is four sections (``model``, ``data``, ``fed``, ``comm``, ``run``);
+every field has a help text in its metadata and is reachable from the
+command line as ``--field-name`` (field names are unique across sections).
+Precedence: defaults < ``--config FILE.toml`` < CLI flags. Every check lives
+in a ``__post_init__`` or in :func:`validate` and raises
+:class:`~sfprompt_mpi.errors.UserError` naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+ALGOS = ("sfprompt", "fl-full", "fl-linear", "fedpeft-prompt", "fedpeft-bias",
+         "fedpeft-adapter", "sfl-full", "sfl-linear")
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "flowers102",
+            "caltech101", "food101")
+
+
+def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("vit_micro_patch4_32", "timm VisionTransformer name, or vit_micro_patch4_32 / vit_mini_patch4_32 (small 32-px models for CPU work)")
+    head_blocks: int = _f(1, "transformer blocks in the client head (after patch embedding and prompts)")
+    tail_blocks: int = _f(1, "transformer blocks in the client tail (before final norm and classifier)")
+    prompt_len: int = _f(8, "number of soft prompt tokens P inserted after the class token (0: no prompts)")
+    prompt_depth: str = _f("shallow", "shallow: prompts at the input only; deep: fresh prompts before every head block", ("shallow", "deep"))
+    train_head: bool = _f(False, "also train (and aggregate) the head's blocks and embeddings")
+    pretrained: bool = _f(False, "load timm's pretrained weights (needs them cached or reachable)")
+    checkpoint: str = _f("", "local weights file for the backbone (timm .pth/.bin or .safetensors)")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("digits", "dataset name", DATASETS)
+    data_dir: str = _f("data", "directory holding (or receiving, with --download) the dataset files")
+    download: bool = _f(False, "download the dataset into --data-dir (done once, by rank 0)")
+    partition: str = _f("iid", "how training samples are split over clients", ("iid", "dirichlet", "shards"))
+    alpha: float = _f(0.5, "Dirichlet concentration for --partition dirichlet (smaller: more skew)")
+    shards_per_client: int = _f(2, "label-sorted shards per client for --partition shards")
+    max_train_samples: int = _f(0, "use at most this many training samples (0: all)")
+    max_test_samples: int = _f(0, "evaluate on at most this many test samples (0: all)")
+    synthetic_samples: int = _f(512, "training samples of the synthetic dataset (test: a quarter)")
+    synthetic_classes: int = _f(10, "classes of the synthetic dataset")
+
+
+@dataclass
+class FedConfig:
+    algo: str = _f("sfprompt", "training algorithm", ALGOS)
+    clients: int = _f(0, "number of federated clients N (0: one per client rank, or 4 in a single process)")
+    fraction: float = _f(1.0, "fraction K/N of clients selected each round")
+    rounds: int = _f(5, "federated rounds")
+    local_epochs: int = _f(1, "local-loss epochs per round (head->tail, body skipped)")
+    local_loss: bool = _f(True, "run the local-loss update phase")
+    split_epochs: int = _f(1, "split-training epochs per round over the kept samples")
+    keep_ratio: float = _f(0.5, "fraction gamma of local samples kept by EL2N pruning (1.0: no pruning)")
+    batch_size: int = _f(32, "client mini-batch size")
+    lr: float = _f(0.05, "SGD learning rate of split training")
+    local_lr: float = _f(0.05, "SGD learning rate of the local-loss update")
+    momentum: float = _f(0.9, "SGD momentum (optimiser state is reset every round)")
+    weight_decay: float = _f(0.0, "SGD weight decay")
+
+
+@dataclass
+class CommConfig:
+    transport: str = _f("mpi", "tensor transport between ranks", ("mpi", "gloo", "nccl"))
+    wire_dtype: str = _f("float32", "dtype of activations and gradients on the wire", ("float32", "bfloat16", "float16"))
+    server_batch: int = _f(4, "max clients whose activations share one body pass (1: off)")
+    max_pending: int = _f(64, "body graphs the server keeps awaiting their gradient; beyond, it recomputes")
+    client_timeout: float = _f(600.0, "seconds any rank waits for one message before giving up")
+
+
+@dataclass
+class RunConfig:
+    seed: int = _f(0, "base seed; every other seed derives from it")
+    run_dir: str = _f("", "run directory (default: runs/<timestamp>)")
+    resume: str = _f("", "continue the run in this directory from its last checkpoint")
+    server_device: str = _f("auto", "device of the server's body", ("auto", "cpu", "cuda"))
+    threads: int = _f(0, "torch threads per rank (0: cores / ranks on this node, at least 1)")
+    log_level: str = _f("", "log level (default: INFO on rank 0, WARNING elsewhere)", ("", "DEBUG", "INFO", "WARNING", "ERROR"))
+    dry_run: bool = _f(False, "validate config and world size, print the plan, and exit")
+    eval_every: int = _f(1, "evaluate the global model every this many rounds (and after the last)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """Serialise as TOML (sections of scalars only, so a tiny writer does)."""
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            for key, value in values.items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "fed": FedConfig,
+                    "comm": CommConfig, "run": RunConfig}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    index = {}
+    for section, cls in _SECTION_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            assert f.name not in index, f"duplicate config field {f.name}"
+            index[f.name] = (section, f)
+    return index
+
+
+FIELDS = _field_index()
+
+
+def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
+    """Check a TOML value's type against the field's default type."""
+    key = f"{section}.{f.name}"
+    want = type(f.default)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not want:
+        raise UserError(f"config key {key} must be {want.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a config file into {section: {key: value}}, rejecting unknown keys and wrong types."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+    out: dict[str, dict[str, Any]] = {}
+    for section, values in raw.items():
+        if section not in _SECTION_CLASSES:
+            raise UserError(f"unknown config section [{section}] in {path} (known: {', '.join(_SECTION_CLASSES)})")
+        if not isinstance(values, dict):
+            raise UserError(f"config key {section} in {path} must be a [section] table")
+        for key, value in values.items():
+            if key not in FIELDS or FIELDS[key][0] != section:
+                raise UserError(f"unknown config key {section}.{key} in {path}")
+            out.setdefault(section, {})[key] = _coerce(section, FIELDS[key][1], value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI: ``--config``, plus one flag per config field (default: unset)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sfprompt_mpi.run",
+        description="SFPrompt split federated fine-tuning. Under mpirun -n W rank 0 is the server "
+                    "and ranks 1..W-1 host the clients; without a launcher everything runs in one process.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="TOML config file; CLI flags override it")
+    for section, cls in _SECTION_CLASSES.items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            meta = f.metadata
+            kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{meta['help']} (default: {f.default!r})"}
+            if isinstance(f.default, bool):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = type(f.default)
+                if meta.get("choices"):
+                    kwargs["choices"] = meta["choices"]
+            group.add_argument(flag, **kwargs)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file, then CLI flags; validated."""
+    parser = build_parser()
+    parser.error = _parser_error  # type: ignore[method-assign]
+    args = parser.parse_args(argv)
+    values: dict[str, dict[str, Any]] = load_toml(args.config) if args.config else {}
+    for name, (section, _) in FIELDS.items():
+        value = getattr(args, name)
+        if value is not None:
+            values.setdefault(section, {})[name] = value
+    return build_config(values)
+
+
+def _parser_error(message: str) -> None:
+    raise UserError(f"bad command line: {message}")
+
+
+def build_config(values: dict[str, dict[str, Any]] | None = None) -> Config:
+    """A validated Config from {section: {key: value}} overrides of the defaults."""
+    values = values or {}
+    sections = {}
+    for section, cls in _SECTION_CLASSES.items():
+        given = values.get(section, {})
+        for key in given:
+            if key not in FIELDS or FIELDS[key][0] != section:
+                raise UserError(f"unknown config key {section}.{key}")
+        sections[section] = cls(**given)
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, dict[str, Any]]) -> Config:
+    """Rebuild a saved config (e.g. from a run directory's config.toml)."""
+    return build_config({s: {k: _coerce(s, FIELDS[k][1], v) for k, v in kv.items() if k in FIELDS}
+                         for s, kv in values.items() if s in _SECTION_CLASSES})
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that need no model or dataset; each names its key."""
+    m, d, fe, c, r = cfg.model, cfg.data, cfg.fed, cfg.comm, cfg.run
+    _check(m.head_blocks >= 0, "model.head_blocks must be >= 0")
+    _check(m.tail_blocks >= 0, "model.tail_blocks must be >= 0")
+    _check(m.prompt_len >= 0, f"model.prompt_len must be >= 0, got {m.prompt_len}")
+    _check(m.prompt_depth in ("shallow", "deep"), f"model.prompt_depth must be shallow or deep, got {m.prompt_depth!r}")
+    _check(d.dataset in DATASETS, f"unknown dataset {d.dataset!r} (known: {', '.join(DATASETS)})")
+    _check(d.partition in ("iid", "dirichlet", "shards"), f"data.partition must be iid, dirichlet or shards, got {d.partition!r}")
+    _check(d.alpha > 0 and math.isfinite(d.alpha), f"data.alpha must be > 0, got {d.alpha}")
+    _check(d.shards_per_client >= 1, "data.shards_per_client must be >= 1")
+    _check(d.max_train_samples >= 0 and d.max_test_samples >= 0, "data.max_*_samples must be >= 0")
+    _check(d.synthetic_samples >= 8 and d.synthetic_classes >= 2, "data.synthetic_samples must be >= 8 and synthetic_classes >= 2")
+    _check(fe.algo in ALGOS, f"unknown algorithm {fe.algo!r} (known: {', '.join(ALGOS)})")
+    _check(fe.clients >= 0, f"fed.clients must be >= 0, got {fe.clients}")
+    _check(0 < fe.fraction <= 1, f"fed.fraction must be in (0, 1], got {fe.fraction}")
+    _check(fe.rounds >= 1, f"fed.rounds must be >= 1, got {fe.rounds}")
+    _check(fe.local_epochs >= 0 and fe.split_epochs >= 0, "fed.local_epochs and fed.split_epochs must be >= 0")
+    _check(0 < fe.keep_ratio <= 1, f"fed.keep_ratio must be in (0, 1], got {fe.keep_ratio}")
+    _check(fe.batch_size >= 1, f"fed.batch_size must be >= 1, got {fe.batch_size}")
+    for key in ("lr", "local_lr", "momentum", "weight_decay"):
+        value = getattr(fe, key)
+        _check(math.isfinite(value) and value >= 0, f"fed.{key} must be a finite number >= 0, got {value}")
+    _check(c.transport in ("mpi", "gloo", "nccl"), f"comm.transport must be mpi, gloo or nccl, got {c.transport!r}")
+    _check(c.wire_dtype in ("float32", "bfloat16", "float16"), f"comm.wire_dtype must be float32, bfloat16 or float16, got {c.wire_dtype!r}")
+    _check(c.server_batch >= 1, f"comm.server_batch must be >= 1, got {c.server_batch}")
+    _check(c.max_pending >= 1, f"comm.max_pending must be >= 1, got {c.max_pending}")
+    _check(c.client_timeout > 0, f"comm.client_timeout must be > 0, got {c.client_timeout}")
+    _check(r.server_device in ("auto", "cpu", "cuda"), f"run.server_device must be auto, cpu or cuda, got {r.server_device!r}")
+    _check(r.threads >= 0, "run.threads must be >= 0")
+    _check(r.eval_every >= 1, "run.eval_every must be >= 1")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
