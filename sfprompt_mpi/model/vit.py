@@ -1,0 +1,114 @@
+"""Building the backbone: any timm VisionTransformer, plus small CPU models.
+
+Weights come from timm's own pretrained loading (``pretrained``), from a
+local file (``checkpoint``: a timm ``.pth``/``.bin`` state dict or a
+``.safetensors`` file), or, with neither, from a seeded random init (with a
+one-line warning). The classifier is always new, sized for the dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from ..config import ModelConfig
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+#: Small 32-px models for CPU work and tests: name -> VisionTransformer kwargs.
+SMALL_MODELS: dict[str, dict] = {
+    "vit_micro_patch4_32": dict(img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0),
+    "vit_mini_patch4_32": dict(img_size=32, patch_size=4, embed_dim=128, depth=8, num_heads=4, mlp_ratio=4.0),
+}
+
+
+def model_depth_and_size(name: str) -> tuple[int, int]:
+    """(depth, input image size) of a model name without building it."""
+    vit = build_backbone(ModelConfig(name=name), num_classes=2, quiet=True, meta=True)
+    return len(vit.blocks), vit.patch_embed.img_size[0]
+
+
+def build_backbone(cfg: ModelConfig, num_classes: int, *, quiet: bool = False, meta: bool = False) -> VisionTransformer:
+    """The timm VisionTransformer named by ``cfg.name`` with a ``num_classes`` classifier.
+
+    ``meta=True`` builds on the meta device (shapes only, no memory, no weights).
+    """
+    name = cfg.name
+    base = name.split(".")[0]
+    kwargs = dict(num_classes=num_classes)
+    if meta:
+        with torch.device("meta"):
+            return _create(name, base, pretrained=False, **kwargs)
+    if cfg.pretrained and cfg.checkpoint:
+        raise UserError("model.pretrained and model.checkpoint are exclusive: pick one source of weights")
+    if cfg.checkpoint:
+        vit = _create(name, base, pretrained=False, **kwargs)
+        load_backbone_weights(vit, cfg.checkpoint)
+        return vit
+    if cfg.pretrained:
+        if base in SMALL_MODELS:
+            raise UserError(f"{name} has no pretrained weights; drop --pretrained or use --checkpoint")
+        try:
+            return _create(name, base, pretrained=True, **kwargs)
+        except UserError:
+            raise
+        except Exception as exc:  # timm raises a zoo of network/file errors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"could not load pretrained weights for {name} ({first}); "
+                            f"cache them (HF_HOME) or pass --checkpoint FILE") from None
+    if not quiet:
+        log.warning("no --pretrained or --checkpoint: %s starts from random weights", name)
+    return _create(name, base, pretrained=False, **kwargs)
+
+
+def _create(name: str, base: str, *, pretrained: bool, **kwargs) -> VisionTransformer:
+    if base in SMALL_MODELS:
+        return VisionTransformer(**SMALL_MODELS[base], **kwargs)
+    if not timm.is_model(base):
+        raise UserError(f"unknown model {name!r}: not a timm model nor one of {', '.join(SMALL_MODELS)}")
+    vit = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if not isinstance(vit, VisionTransformer):
+        raise UserError(f"model {name!r} is a {type(vit).__name__}, not a timm VisionTransformer")
+    return vit
+
+
+def load_backbone_weights(vit: VisionTransformer, path: str | Path) -> None:
+    """Load a local state dict into ``vit``, keeping the new classifier.
+
+    Accepts timm/PyTorch pickles (optionally wrapped in ``state_dict``/``model``)
+    and safetensors. Classifier weights of a different shape are dropped; any
+    other missing or mismatching key is an error naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            for key in ("state_dict", "model"):
+                if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                    state = state[key]
+    except Exception as exc:
+        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}); is it a weights file?") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"checkpoint {path} is not a state dict of tensors")
+    own = vit.state_dict()
+    for key in [k for k in state if k.startswith("head.")]:
+        if key not in own or own[key].shape != state[key].shape:
+            del state[key]
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise UserError(f"checkpoint {path} does not fit the model: {bad[0]} has shape "
+                        f"{tuple(state[bad[0]].shape)}, the model wants {tuple(own[bad[0]].shape)}")
+    missing = [k for k in own if k not in state and not k.startswith("head.")]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {len(missing)} model tensors (first: {missing[0]}); wrong model?")
+    vit.load_state_dict(state, strict=False)
