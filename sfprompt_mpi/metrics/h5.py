@@ -1,0 +1,328 @@
+"""Per-rank HDF5 metrics: one file per rank, ``run.h5`` links them together.
+
+Layout of ``RUN_DIR/metrics/rankNNNNN.h5`` (``SCHEMA_VERSION`` 1)::
+
+    /                      attrs: schema_version, rank, role, json_attrs and
+                           whatever the caller passed (config, versions, host,
+                           device, ...); dicts/lists are stored as JSON
+                           strings and their names listed in ``json_attrs``
+    /<key>/step            int64 (n,), resizable, fill value -1
+    /<key>/value           float64 (n,) for scalars, (n, k) for fixed-length
+                           arrays, vlen float64 (n,) when an array's length
+                           changes between rounds; attr ``kind`` is
+                           "scalar", "fixed" or "vlen"
+    /events                compound (step int64, kind str, text str), (n,)
+
+A key is a ``/``-separated path ("test_acc", "bytes_sent/acts",
+"clients/3/local_loss"); ``step`` is the round. Each call to
+:meth:`MetricsWriter.log` or :meth:`MetricsWriter.event` appends and flushes,
+so a crash loses at most the round in progress.
+
+``RUN_DIR/run.h5`` holds relative external links ``rankNNNNN ->
+metrics/rankNNNNN.h5:/`` and rank 0's run-wide attrs plus ``world_size``.
+
+Every file is opened with HDF5 file locking off: a rank only ever opens its
+own file, readers (``analyze`` on a live run) must not be blocked by the
+writer, and HDF5 refuses to open one file twice in a process with different
+locking flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ..errors import UserError
+
+SCHEMA_VERSION = 1
+_EVENT_DTYPE = np.dtype([("step", "<i8"), ("kind", h5py.string_dtype()),
+                         ("text", h5py.string_dtype())])
+_VLEN_F64 = h5py.vlen_dtype(np.float64)
+_RESERVED = ("step", "value")
+# Attrs that describe one rank only; run.h5 does not copy them from rank 0.
+_RANK_ATTRS = ("rank", "role", "host", "device", "json_attrs")
+
+
+def rank_file(run_dir: str | Path, rank: int) -> Path:
+    """Path of ``rank``'s metrics file inside ``run_dir``."""
+    return Path(run_dir) / "metrics" / f"rank{rank:05d}.h5"
+
+
+def _open(path: Path, mode: str) -> h5py.File:
+    return h5py.File(path, mode, locking=False)
+
+
+def _write_attrs(f: h5py.File, attrs: Mapping[str, Any]) -> None:
+    json_names = set(json.loads(f.attrs.get("json_attrs", "[]")))
+    for name, value in attrs.items():
+        if isinstance(value, (Mapping, list, tuple)) or value is None:
+            f.attrs[name] = json.dumps(value, default=str, sort_keys=True)
+            json_names.add(name)
+        else:
+            f.attrs[name] = str(value) if isinstance(value, Path) else value
+            json_names.discard(name)
+    f.attrs["json_attrs"] = json.dumps(sorted(json_names))
+
+
+def _check_key(key: str) -> None:
+    parts = key.split("/")
+    if not key or any(not p for p in parts):
+        raise ValueError(f"bad metric key {key!r}: empty path segment")
+    if parts[0] == "events" or any(p in _RESERVED for p in parts):
+        raise ValueError(f"bad metric key {key!r}: 'events', 'step' and 'value' are reserved")
+
+
+class MetricsWriter:
+    """Appends one rank's metrics to ``RUN_DIR/metrics/rank{rank:05d}.h5``.
+
+    A new file is created unless one exists: then ``resume_round`` (the last
+    completed round) must be given, rows logged for later rounds are dropped
+    and logging continues, so every completed round appears exactly once.
+    Without ``resume_round`` an existing file is never overwritten: that
+    raises :class:`UserError`. Usable as a context manager.
+    """
+
+    def __init__(self, run_dir: str | Path, rank: int, *, role: str,
+                 attrs: Mapping[str, Any], resume_round: int | None = None) -> None:
+        self.path = rank_file(run_dir, rank)
+        self._series: dict[str, tuple[h5py.Dataset, h5py.Dataset]] = {}
+        self._kinds: dict[str, str] = {}  # attr reads are slow; cache each key's kind
+        if self.path.exists():
+            if resume_round is None:
+                raise UserError(f"metrics file {self.path} already exists; resume that run "
+                                "with --resume or choose a new --run-dir")
+            try:
+                self._f = _open(self.path, "r+")
+            except OSError as e:
+                raise UserError(f"cannot open metrics file {self.path} to resume ({e}); "
+                                "move it aside to start its metrics afresh") from e
+            found = int(self._f.attrs.get("schema_version", 0))
+            if found > SCHEMA_VERSION:
+                self._f.close()
+                raise UserError(f"metrics file {self.path} has schema version {found}, newer "
+                                f"than this code's {SCHEMA_VERSION}; update sfprompt_mpi")
+            self._truncate_after(resume_round)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = _open(self.path, "w-")
+        if "events" not in self._f:  # absent too in a file whose creator died at once
+            self._f.create_dataset("events", shape=(0,), maxshape=(None,),
+                                   dtype=_EVENT_DTYPE, chunks=(64,))
+        _write_attrs(self._f, {**attrs, "rank": int(rank), "role": role,
+                               "schema_version": SCHEMA_VERSION})
+        if resume_round is not None:
+            self.event(resume_round, "resume", f"resumed after round {resume_round}")
+        self._f.flush()
+
+    # -- writing ---------------------------------------------------------
+    def log(self, metrics: Mapping[str, float | int | Sequence[float] | np.ndarray],
+            step: int) -> None:
+        """Append ``metrics`` (key -> scalar or 1-D array) for round ``step``; flush."""
+        self._check_open()
+        arrays = {key: np.asarray(raw, dtype=np.float64) for key, raw in metrics.items()}
+        for key, value in arrays.items():  # check all before writing any
+            if value.ndim > 1:
+                raise ValueError(f"metric {key!r}: scalars and 1-D arrays only, not {value.shape}")
+            if key not in self._series:
+                _check_key(key)
+        for key, value in arrays.items():
+            steps, values = self._series.get(key) or self._get_series(key, value)
+            values = self._fit(key, values, value)
+            n = steps.shape[0]
+            values.resize(n + 1, axis=0)
+            values[n] = value
+            steps.resize((n + 1,))
+            steps[n] = step
+        self._f.flush()
+
+    def event(self, step: int, kind: str, text: str) -> None:
+        """Append a row (step, kind, text) to ``/events``, e.g. a dropout; flush."""
+        self._check_open()
+        ds = self._f["events"]
+        n = ds.shape[0]
+        ds.resize((n + 1,))
+        ds[n] = (int(step), str(kind), str(text))
+        self._f.flush()
+
+    def close(self) -> None:
+        """Flush and close the file; later calls do nothing."""
+        if getattr(self, "_f", None) is not None and self._f.id.valid:
+            self._f.flush()
+            self._f.close()
+        self._series.clear()
+        self._kinds.clear()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers ---------------------------------------------------------
+    def _check_open(self) -> None:
+        if not self._f.id.valid:
+            raise ValueError(f"metrics file {self.path} is closed")
+
+    def _get_series(self, key: str, first: np.ndarray) -> tuple[h5py.Dataset, h5py.Dataset]:
+        if key in self._f and "step" in self._f[key]:
+            grp = self._f[key]
+        else:
+            grp = self._f.require_group(key)
+            grp.create_dataset("step", shape=(0,), maxshape=(None,), dtype="i8",
+                               chunks=(256,), fillvalue=-1)
+            if first.ndim == 0:
+                ds = grp.create_dataset("value", shape=(0,), maxshape=(None,),
+                                        dtype="f8", chunks=(256,))
+                ds.attrs["kind"] = "scalar"
+            elif first.size == 0:
+                ds = grp.create_dataset("value", shape=(0,), maxshape=(None,),
+                                        dtype=_VLEN_F64, chunks=(64,))
+                ds.attrs["kind"] = "vlen"
+            else:
+                k = first.shape[0]
+                ds = grp.create_dataset("value", shape=(0, k), maxshape=(None, k), dtype="f8",
+                                        chunks=(max(1, 4096 // k), k))
+                ds.attrs["kind"] = "fixed"
+        self._series[key] = (grp["step"], grp["value"])
+        return self._series[key]
+
+    def _fit(self, key: str, ds: h5py.Dataset, value: np.ndarray) -> h5py.Dataset:
+        """Return a value dataset that can take ``value``; fixed -> vlen on a length change."""
+        if key not in self._kinds:
+            self._kinds[key] = str(ds.attrs.get("kind", "scalar"))
+        kind = self._kinds[key]
+        if (kind == "scalar") != (value.ndim == 0):
+            raise ValueError(f"metric {key!r} was logged as {kind}, now shape {value.shape}")
+        if kind != "fixed" or value.shape[0] == ds.shape[1]:
+            return ds
+        old = ds[...]
+        grp = ds.parent
+        del grp["value"]
+        new = grp.create_dataset("value", shape=(old.shape[0],), maxshape=(None,),
+                                 dtype=_VLEN_F64, chunks=(64,))
+        for i, row in enumerate(old):
+            new[i] = row
+        new.attrs["kind"] = self._kinds[key] = "vlen"
+        self._series[key] = (grp["step"], new)
+        return new
+
+    def _truncate_after(self, last_round: int) -> None:
+        """Drop rows with step > ``last_round`` (a round that never completed)."""
+        def visit(grp: h5py.Group) -> None:
+            for name, obj in grp.items():
+                if isinstance(obj, h5py.Group):
+                    if "step" in obj and "value" in obj:
+                        _keep_rows(obj["step"][...] <= last_round, obj["step"], obj["value"])
+                    visit(obj)
+        visit(self._f)
+        if "events" in self._f:
+            ev = self._f["events"]
+            _keep_rows(ev["step"] <= last_round, ev)
+
+
+def _keep_rows(keep: np.ndarray, *datasets: h5py.Dataset) -> None:
+    """Keep only the rows where ``keep`` is true (and no row past the shortest dataset)."""
+    n = min(ds.shape[0] for ds in datasets)
+    keep = keep[:n]
+    if keep.all() and all(ds.shape[0] == n for ds in datasets):
+        return
+    for ds in datasets:
+        kept = ds[:n][keep]
+        ds.resize(len(kept), axis=0)
+        if ds.dtype == _VLEN_F64:  # h5py writes vlen rows one at a time
+            for i, row in enumerate(kept):
+                ds[i] = row
+        elif len(kept):
+            ds[...] = kept
+
+
+def link_rank_files(run_dir: str | Path, world_size: int,
+                    attrs: Mapping[str, Any] | None = None) -> Path:
+    """Create or refresh ``RUN_DIR/run.h5``: an external link per rank, run-wide attrs.
+
+    Links are relative (``metrics/rankNNNNN.h5``) so the run directory can be
+    moved. Attrs are ``attrs`` if given, else read from rank 0's file when it
+    is readable, minus per-rank ones (rank, role, host, device). The file is
+    written aside and renamed, so a reader never sees it half-written.
+    """
+    run_dir = Path(run_dir)
+    if attrs is None:
+        try:
+            attrs = read_attrs(rank_file(run_dir, 0))
+        except (OSError, KeyError):
+            attrs = {}
+    shared = {k: v for k, v in attrs.items() if k not in _RANK_ATTRS}
+    target = run_dir / "run.h5"
+    tmp = run_dir / f".run.h5.tmp{os.getpid()}"
+    with _open(tmp, "w") as f:
+        _write_attrs(f, {**shared, "world_size": int(world_size),
+                         "schema_version": SCHEMA_VERSION})
+        for rank in range(world_size):
+            f[f"rank{rank:05d}"] = h5py.ExternalLink(f"metrics/rank{rank:05d}.h5", "/")
+    os.replace(tmp, target)
+    return target
+
+
+# -- reading ---------------------------------------------------------------
+def read_metrics(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Return ``{key: (steps, values)}`` from a rank file or from ``run.h5``.
+
+    Through ``run.h5`` keys are prefixed with the rank (``rank00001/...``) and
+    links to missing rank files are skipped. Safe on a live or crashed run's
+    file: rows whose step was never written are dropped. ``values`` is 1-D for
+    scalars, 2-D for fixed-length arrays, an object array of 1-D arrays for
+    variable-length ones.
+    """
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def visit(grp: h5py.Group, prefix: str) -> None:
+        for name in grp:
+            try:
+                obj = grp[name]
+            except (KeyError, OSError):  # dangling external link: rank file missing
+                continue
+            if not isinstance(obj, h5py.Group):
+                continue
+            if all(isinstance(obj.get(n), h5py.Dataset) for n in ("step", "value")):
+                steps, values = obj["step"][...], obj["value"][...]
+                n = min(len(steps), len(values))
+                ok = steps[:n] >= 0
+                out[prefix + name] = (steps[:n][ok].astype(np.int64), values[:n][ok])
+            visit(obj, f"{prefix}{name}/")
+
+    with _open(Path(path), "r") as f:
+        visit(f, "")
+    return out
+
+
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    """Return the root attrs of a metrics file, JSON-encoded ones decoded."""
+    with _open(Path(path), "r") as f:
+        raw = {k: f.attrs[k] for k in f.attrs}
+    json_names = json.loads(raw.pop("json_attrs", "[]"))
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, np.generic):
+            v = v.item()
+        out[k] = json.loads(v) if k in json_names else v
+    return out
+
+
+def read_events(path: str | Path) -> list[tuple[int, str, str]]:
+    """Return the ``/events`` rows (step, kind, text) of a rank file, in order."""
+    with _open(Path(path), "r") as f:
+        if "events" not in f:
+            return []
+        rows = f["events"][...]
+
+    def s(x: Any) -> str:
+        return x.decode() if isinstance(x, bytes) else str(x)
+    return [(int(r["step"]), s(r["kind"]), s(r["text"])) for r in rows]

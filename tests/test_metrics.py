@@ -1,0 +1,145 @@
+"""Per-rank HDF5 metrics: schema, flushing, resume, links, events."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from sfprompt_mpi.errors import UserError
+from sfprompt_mpi.metrics.h5 import (SCHEMA_VERSION, MetricsWriter, link_rank_files,
+                                     rank_file, read_attrs, read_events, read_metrics)
+
+ATTRS = {"config": "[run]\nseed = 1\n", "versions": {"torch": "2.11", "mpi": "MPICH 4.2"},
+         "host": "node01", "device": "cpu"}
+
+
+def _writer(run_dir, rank=0, role="server", **kw):
+    return MetricsWriter(run_dir, rank, role=role, attrs=ATTRS, **kw)
+
+
+def test_schema_attrs_and_datasets(tmp_path):
+    with _writer(tmp_path) as w:
+        w.log({"test_acc": 0.5, "bytes_sent/acts": 1024, "agg_weights": [0.25, 0.75]}, step=1)
+
+    path = rank_file(tmp_path, 0)
+    attrs = read_attrs(path)
+    with h5py.File(path, "r") as f:
+        step, value = f["test_acc/step"], f["test_acc/value"]
+        nested, arr = f["bytes_sent/acts/value"], f["agg_weights/value"]
+        shapes = (step.dtype, value.dtype, step.maxshape, nested.shape, arr.shape, arr.maxshape)
+
+    assert attrs["schema_version"] == SCHEMA_VERSION
+    assert attrs["versions"] == {"torch": "2.11", "mpi": "MPICH 4.2"}
+    assert attrs["config"] == ATTRS["config"]
+    assert (attrs["rank"], attrs["role"], attrs["host"]) == (0, "server", "node01")
+    assert shapes == (np.int64, np.float64, (None,), (1,), (1, 2), (None, 2))
+
+
+def test_append_visible_to_reader_while_writer_open(tmp_path):
+    w = _writer(tmp_path)
+    seen = []
+    for r in (1, 2, 3):
+        w.log({"test_acc": 0.1 * r}, step=r)
+        seen.append(read_metrics(rank_file(tmp_path, 0))["test_acc"])
+    w.close()
+
+    steps, values = seen[-1]
+    assert [len(s) for s, _ in seen] == [1, 2, 3]
+    np.testing.assert_array_equal(steps, [1, 2, 3])
+    np.testing.assert_allclose(values, [0.1, 0.2, 0.3])
+
+
+def test_resume_drops_partial_round(tmp_path):
+    with _writer(tmp_path, 1, "client") as w:
+        for r in (1, 2, 3):
+            w.log({"clients/3/local_loss": float(r), "selected": np.arange(r)}, step=r)
+            w.event(r, "dropout", f"client 7 in round {r}")
+
+    with _writer(tmp_path, 1, "client", resume_round=2) as w:
+        w.log({"clients/3/local_loss": 30.0, "selected": np.arange(3)}, step=3)
+        w.event(3, "dropout", "again")
+    m = read_metrics(rank_file(tmp_path, 1))
+    events = read_events(rank_file(tmp_path, 1))
+
+    steps, values = m["clients/3/local_loss"]
+    np.testing.assert_array_equal(steps, [1, 2, 3])
+    np.testing.assert_array_equal(values, [1.0, 2.0, 30.0])
+    sel_steps, sel = m["selected"]  # lengths changed, so stored as vlen
+    np.testing.assert_array_equal(sel_steps, [1, 2, 3])
+    assert [list(s) for s in sel] == [[0], [0, 1], [0, 1, 2]]
+    assert [e for e in events if e[1] == "dropout"] == [
+        (1, "dropout", "client 7 in round 1"), (2, "dropout", "client 7 in round 2"),
+        (3, "dropout", "again")]
+    assert (2, "resume", "resumed after round 2") in events
+
+
+def test_refuses_to_overwrite(tmp_path):
+    _writer(tmp_path).close()
+
+    with pytest.raises(UserError, match="already exists"):
+        _writer(tmp_path)
+
+
+def test_run_h5_links_resolve_after_move(tmp_path):
+    run = tmp_path / "run"
+    for rank in range(3):
+        with _writer(run, rank, "server" if rank == 0 else "client") as w:
+            w.log({"peak_mem_mb": 100.0 + rank}, step=1)
+    link_rank_files(run, 3)
+    moved = tmp_path / "moved"
+    shutil.move(run, moved)
+
+    m = read_metrics(moved / "run.h5")
+    attrs = read_attrs(moved / "run.h5")
+
+    assert {k: v[1].tolist() for k, v in m.items()} == {
+        f"rank{r:05d}/peak_mem_mb": [100.0 + r] for r in range(3)}
+    assert attrs["world_size"] == 3 and attrs["config"] == ATTRS["config"]
+    assert "rank" not in attrs and "host" not in attrs
+
+
+def test_run_h5_skips_missing_rank_file(tmp_path):
+    with _writer(tmp_path) as w:
+        w.log({"test_acc": 0.9}, step=1)
+    link_rank_files(tmp_path, 2)
+
+    assert list(read_metrics(tmp_path / "run.h5")) == ["rank00000/test_acc"]
+
+
+def test_events_and_bad_values(tmp_path):
+    with _writer(tmp_path) as w:
+        w.event(4, "rejected", "client 2 sent NaN in prompts")
+        with pytest.raises(ValueError):
+            w.log({"ok": 1.0, "x": np.zeros((2, 2))}, step=1)
+        with pytest.raises(ValueError):
+            w.log({"events/x": 1.0}, step=1)
+        w.log({"y": 1.0}, step=1)
+        with pytest.raises(ValueError):
+            w.log({"y": [1.0, 2.0]}, step=2)
+
+    assert read_events(rank_file(tmp_path, 0)) == [(4, "rejected", "client 2 sent NaN in prompts")]
+    assert list(read_metrics(rank_file(tmp_path, 0))) == ["y"]  # nothing of a rejected call
+
+
+def test_reads_file_of_killed_writer(tmp_path):
+    code = (
+        "import os, sys\n"
+        "from sfprompt_mpi.metrics.h5 import MetricsWriter\n"
+        "w = MetricsWriter(sys.argv[1], 2, role='client', attrs={})\n"
+        "for r in (1, 2):\n"
+        "    w.log({'clients/5/local_loss': r / 10}, step=r)\n"
+        "os._exit(1)\n")
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=repo, timeout=60)
+    steps, values = read_metrics(rank_file(tmp_path, 2))["clients/5/local_loss"]
+
+    assert proc.returncode == 1
+    np.testing.assert_array_equal(steps, [1, 2])
+    np.testing.assert_allclose(values, [0.1, 0.2])
