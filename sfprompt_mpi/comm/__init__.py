@@ -1,0 +1,37 @@
+"""Point-to-point tensor messages between ranks (see :mod:`.protocol`).
+
+Roles receive a :class:`~.protocol.Transport`; ``run.py`` builds one with
+:func:`build_transport`. MPI is imported only when an MPI transport is built,
+so the single-process reference run and the model code never start MPI.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+    from .protocol import Transport
+
+TRANSPORTS = ("mpi", "gloo", "nccl")
+
+
+def build_transport(kind: str, comm: "MPI.Comm", device: torch.device | str | None = None) -> "Transport":
+    """The transport named by ``--transport`` over ``comm`` (collective over it).
+
+    ``mpi`` carries everything through MPI; ``gloo`` and ``nccl`` keep headers
+    on MPI and move payloads through torch.distributed. Received payloads are
+    placed on ``device``.
+    """
+    if kind == "mpi":
+        from .mpi import MPITransport
+        return MPITransport(comm, device=device)
+    if kind in ("gloo", "nccl"):
+        from .torch_dist import TorchDistTransport
+        return TorchDistTransport(comm, kind, device)
+    raise UserError(f"unknown transport {kind!r}: use one of {', '.join(TRANSPORTS)}")

@@ -1,0 +1,357 @@
+"""MPI transport: headers and raw tensor bytes through mpi4py's buffer interface.
+
+Each message is two MPI messages from the same sender: the packed int64 header
+with tag ``HEADER_TAG`` and, when the payload has any bytes, the tensor's raw
+bytes as ``MPI.BYTE`` with tag ``PAYLOAD_TAG``. MPI keeps messages between a
+pair in order per tag, so the n-th payload from a rank belongs to the n-th
+header from it; the receiver takes a header (from one rank or any) and then
+that rank's next payload. Nothing is pickled.
+
+Sends are ``Isend`` and never wait for the receiver: the server hands round
+parameters to ranks that are still busy. The request and its buffer stay in a
+pending list until MPI is done with them; ``close`` waits for the rest.
+
+Launch the conformance test by hand with::
+
+    mpiexec -n 3 python tests/mpi/transport_conformance.py mpi
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from .protocol import (ANY_SOURCE, HEADER_LEN, ByteCounter, Header, Message, ProtocolError,
+                       pack_header, unpack_header)
+
+HEADER_TAG = 0x5346  # distinct tags keep a header probe from ever matching a payload
+PAYLOAD_TAG = 0x5347
+#: How long ``close`` waits for sends still in flight before it gives up.
+CLOSE_TIMEOUT_S = 60.0
+
+# Waiting without a blocking call: MPI has no timed receive, and a blocking
+# MPI_Recv in MPICH spins a core at 100%. Up to 50 ranks may share 2 cores, so
+# a rank that waits long must leave the CPU to the ranks that compute. We spin
+# on the probe for a moment (a ping-pong reply usually arrives within it),
+# yielding the core to any other runnable rank, then sleep in doubling steps
+# capped at 1 ms: at most ~1 ms of added latency once a wait has gone on that
+# long, which is small next to a ViT forward, for ~1% of a core. A payload
+# whose header has arrived is already on its way and needs our calls into MPI
+# to progress, so its wait spins longer before it naps.
+_SPIN_S = 1e-3
+_PAYLOAD_SPIN_S = 5e-2
+_NAP_FIRST_S = 2e-5
+_NAP_MAX_S = 1e-3
+
+T = TypeVar("T")
+
+
+def poll_until(test: Callable[[], T | None], deadline: float, spin_s: float = _SPIN_S) -> T | None:
+    """Call ``test`` until it returns something other than None or ``deadline``
+    (``time.monotonic``) passes; None on timeout. Spins for ``spin_s``, then naps."""
+    start = time.monotonic()
+    nap = _NAP_FIRST_S
+    while True:
+        found = test()
+        if found is not None:
+            return found
+        now = time.monotonic()
+        if now >= deadline:
+            return None
+        if now - start < spin_s:
+            os.sched_yield()
+        else:
+            time.sleep(min(nap, deadline - now))
+            nap = min(2 * nap, _NAP_MAX_S)
+
+
+def true_or_none(flag: bool) -> bool | None:
+    """``flag`` in the form :func:`poll_until` waits on."""
+    return True if flag else None
+
+
+_cuda_aware: bool | None = None
+
+
+def cuda_aware_mpi() -> bool:
+    """Whether the MPI library can read and write CUDA device memory.
+
+    ``SFPROMPT_CUDA_AWARE=1`` (or ``0``) decides; otherwise the loaded libmpi is
+    asked through ``MPIX_Query_cuda_support`` (MPICH and Open MPI export it),
+    and a library without that query is taken as not CUDA-aware.
+    """
+    global _cuda_aware
+    if _cuda_aware is None:
+        env = os.environ.get("SFPROMPT_CUDA_AWARE", "").strip()
+        _cuda_aware = env == "1" if env else _query_libmpi_cuda()
+    return _cuda_aware
+
+
+def _query_libmpi_cuda() -> bool:
+    # mpi4py does not wrap the MPIX query, so find the libmpi it loaded and ask it.
+    paths: set[str] = set()
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libmpi" in line and "/" in line}
+    except OSError:
+        pass
+    for path in sorted(paths) or [None]:
+        try:
+            query = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support")
+        except (OSError, AttributeError):
+            continue
+        return bool(query())
+    return False
+
+
+class _PinnedPool:
+    """Page-locked host buffers reused between CUDA staging copies."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self._free: list[torch.Tensor] = []
+        self._keep = keep
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        fits = [b for b in self._free if b.numel() >= nbytes]
+        if fits:
+            buf = min(fits, key=torch.Tensor.numel)
+            self._free.remove(buf)
+            return buf
+        return torch.empty(max(1 << (nbytes - 1).bit_length(), 4096), dtype=torch.uint8, pin_memory=True)
+
+    def give(self, buf: torch.Tensor) -> None:
+        self._free.append(buf)
+        if len(self._free) > self._keep:
+            self._free.remove(min(self._free, key=torch.Tensor.numel))
+
+
+@dataclass
+class PendingSend:
+    """One send in flight: what keeps its buffers alive until ``done`` says so."""
+
+    done: Callable[[], bool]
+    keep: Any
+    part: str  # "header" or "payload"
+    header: Header
+    dest: int
+    watch: torch.Tensor | None = None  # the caller's tensor when the wire buffer aliases it
+    version: int = 0
+    release: Callable[[], None] | None = None
+
+    @property
+    def what(self) -> str:  # formatted only for errors: describe() is slow on the hot path
+        return f"{self.part} of {self.header.describe()} to rank {self.dest}"
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous ``t`` as a flat uint8 view (0-d included), sharing memory."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _check_payload(header: Header, payload: torch.Tensor | None) -> None:
+    if payload is None:
+        if header.has_payload:
+            raise ProtocolError(f"send: {header.describe()} announces a payload but none was given")
+        return
+    if header.shape != tuple(payload.shape) or header.dtype != payload.dtype:
+        raise ProtocolError(f"send: {header.describe()} does not describe the payload "
+                            f"{payload.dtype}{list(payload.shape)}")
+
+
+class MPITransport:
+    """:class:`~sfprompt_mpi.comm.protocol.Transport` over an MPI communicator.
+
+    Construction is collective over ``comm`` (it is duplicated so that no other
+    traffic on it can match ours). Received payloads are placed on ``device``
+    (CPU when None). CUDA payloads go straight through MPI when the library is
+    CUDA-aware (:func:`cuda_aware_mpi`), else through pinned host buffers.
+
+    A payload handed to :meth:`send` is not copied when it is a contiguous CPU
+    tensor: do not modify it in place until the send has completed (at the
+    latest, at :meth:`close`). Such a modification is detected and raised as an
+    error if the send is still in flight when the transport next looks.
+
+    One thread per transport: it keeps its pending sends in a plain list.
+    """
+
+    def __init__(self, comm: MPI.Comm, *, device: torch.device | str | None = None) -> None:
+        self.comm = comm.Dup()
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.counter = ByteCounter()
+        self._pending: list[PendingSend] = []
+        self._stuck: list[Any] = []  # receive buffers a timed-out receive may still write into
+        self._pinned = _PinnedPool()
+        self._closed = False
+
+    # ----------------------------------------------------------------- send
+
+    def send(self, dest: int, header: Header, payload: torch.Tensor | None = None) -> None:
+        """Queue ``header`` (and ``payload``) for ``dest``; returns without waiting for it."""
+        self._check_open()
+        self._reap()
+        _check_payload(header, payload)
+        wire = pack_header(header)
+        # The payload is staged before the header leaves, so a failure here
+        # cannot leave the receiver with a header whose payload never comes.
+        staged = self._stage_payload(dest, payload) if payload is not None and payload.numel() > 0 else None
+        req = self.comm.Isend([wire, MPI.INT64_T], dest, HEADER_TAG)
+        self._pending.append(PendingSend(req.Test, (req, wire), "header", header, dest))
+        if staged is not None:
+            self._post_payload(dest, header, staged, payload)
+        self.counter.count_sent(dest, header)
+
+    def _stage_payload(self, dest: int, payload: torch.Tensor) -> Any:
+        """The buffer the payload travels from, plus what must be released after."""
+        t = payload.detach()
+        if t.is_cuda and cuda_aware_mpi():
+            t = t.contiguous()
+            torch.cuda.current_stream(t.device).synchronize()  # kernels writing t must finish first
+            return as_bytes(t), t, None
+        if t.is_cuda:
+            host = self._pinned.take(t.nbytes)
+            host[:t.nbytes].copy_(as_bytes(t.contiguous()))  # synchronous device-to-host copy
+            return host[:t.nbytes].numpy(), host, lambda: self._pinned.give(host)
+        t = t.contiguous()
+        return as_bytes(t).numpy(), t, None
+
+    def _post_payload(self, dest: int, header: Header, staged: Any, payload: torch.Tensor) -> None:
+        buf, keep, release = staged
+        req = self.comm.Isend([buf, MPI.BYTE], dest, PAYLOAD_TAG)
+        aliased = isinstance(keep, torch.Tensor) and keep.data_ptr() == payload.data_ptr()
+        self._pending.append(PendingSend(req.Test, (req, buf, keep), "payload", header, dest,
+                                         payload if aliased else None, payload._version, release))
+
+    def _reap(self) -> None:
+        """Forget sends that completed; catch in-place writes to ones still in flight."""
+        still, spoiled = [], None
+        for p in self._pending:
+            if p.done():
+                if p.release is not None:
+                    p.release()
+                continue
+            if p.watch is not None and p.watch._version != p.version:
+                p.watch, spoiled = None, spoiled or p
+            still.append(p)
+        self._pending = still
+        if spoiled is not None:
+            raise RuntimeError(f"rank {self.rank}: the {spoiled.what} was modified in place before its send "
+                               "completed; send a copy (tensor.clone()) instead")
+
+    # ----------------------------------------------------------------- recv
+
+    def recv(self, source: int = ANY_SOURCE, *, timeout: float, waiting_for: str = "a message") -> Message:
+        """The next message from ``source`` (or any rank); ``TimeoutError`` after ``timeout`` s.
+
+        The payload gets its own ``timeout`` from the moment its header arrived.
+        """
+        self._check_open()
+        self._reap()
+        status = MPI.Status()
+        mpi_source = MPI.ANY_SOURCE if source == ANY_SOURCE else source
+        matched = poll_until(lambda: self.comm.Improbe(mpi_source, HEADER_TAG, status), time.monotonic() + timeout)
+        if matched is None:
+            who = "any rank" if source == ANY_SOURCE else f"rank {source}"
+            raise TimeoutError(f"rank {self.rank}: no message from {who} within {timeout:g} s "
+                               f"while waiting for {waiting_for}")
+        src = status.Get_source()
+        wire = np.zeros(HEADER_LEN, dtype=np.int64)
+        try:
+            matched.Recv([wire, MPI.INT64_T], status)
+        except MPI.Exception as exc:
+            raise ProtocolError(f"rank {self.rank}: bad header from rank {src}: {exc}") from None
+        if status.Get_count(MPI.INT64_T) != HEADER_LEN:
+            raise ProtocolError(f"rank {self.rank}: bad header from rank {src}: "
+                                f"{status.Get_count(MPI.BYTE)} bytes")
+        header = unpack_header(wire)
+        payload = None
+        if header.has_payload:
+            if 0 in header.shape:
+                payload = torch.empty(header.shape, dtype=header.dtype, device=self.device)
+            else:
+                payload = self._recv_payload(src, header, timeout, waiting_for)
+        self.counter.count_recv(src, header)
+        return Message(src, header, payload)
+
+    def _payload_timeout(self, src: int, header: Header, timeout: float, waiting_for: str) -> TimeoutError:
+        return TimeoutError(f"rank {self.rank}: the header of {header.describe()} from rank {src} arrived but "
+                            f"its payload did not within {timeout:g} s while waiting for {waiting_for}")
+
+    def _recv_payload(self, src: int, header: Header, timeout: float, waiting_for: str) -> torch.Tensor:
+        deadline = time.monotonic() + timeout
+        status = MPI.Status()
+        matched = poll_until(lambda: self.comm.Improbe(src, PAYLOAD_TAG, status), deadline, _PAYLOAD_SPIN_S)
+        if matched is None:
+            raise self._payload_timeout(src, header, timeout, waiting_for)
+        nbytes, came = header.nbytes, status.Get_count(MPI.BYTE)
+        if came != nbytes:
+            matched.Recv([np.empty(came, dtype=np.uint8), MPI.BYTE])  # drain it
+            raise ProtocolError(f"rank {self.rank}: {header.describe()} from rank {src} announced "
+                                f"{nbytes} bytes but {came} came")
+        host = None
+        if self.device.type == "cuda" and cuda_aware_mpi():
+            out = torch.empty(header.shape, dtype=header.dtype, device=self.device)
+            # Fresh memory from the caching allocator may still be read by queued kernels.
+            torch.cuda.current_stream(out.device).synchronize()
+            buf: Any = as_bytes(out)
+        elif self.device.type == "cuda":
+            host = self._pinned.take(nbytes)
+            buf = host[:nbytes].numpy()
+        else:
+            out = torch.empty(header.shape, dtype=header.dtype)
+            buf = as_bytes(out).numpy()
+        req = matched.Irecv([buf, MPI.BYTE])
+        if poll_until(lambda: true_or_none(req.Test()), deadline, _PAYLOAD_SPIN_S) is None:
+            self._stuck.append((req, buf, host))  # MPI may still write into buf: keep it alive
+            raise self._payload_timeout(src, header, timeout, waiting_for)
+        if host is not None:
+            out = host[:nbytes].view(header.dtype).reshape(header.shape).to(self.device)
+            self._pinned.give(host)
+        return out
+
+    def poll(self, source: int = ANY_SOURCE) -> bool:
+        """Whether a message from ``source`` (or any rank) is waiting."""
+        self._check_open()
+        self._reap()
+        return bool(self.comm.Iprobe(MPI.ANY_SOURCE if source == ANY_SOURCE else source, HEADER_TAG))
+
+    # ---------------------------------------------------------------- close
+
+    def close(self, *, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Wait (at most ``timeout`` s) until every send has been delivered, then release the communicator."""
+        if self._closed:
+            return
+        self._closed = True
+
+        def all_sent() -> bool | None:
+            self._reap()
+            return true_or_none(not self._pending)
+
+        if poll_until(all_sent, time.monotonic() + timeout) is None:
+            what = "; ".join(p.what for p in self._pending[:5])
+            raise TimeoutError(f"rank {self.rank}: {len(self._pending)} send(s) not delivered within {timeout:g} s "
+                               f"at close ({what}): the receiving rank stopped receiving or exited")
+        self._close_payload_channel()
+        if not self._stuck:
+            self.comm.Free()
+
+    def _close_payload_channel(self) -> None:
+        """Hook for transports that carry payloads elsewhere."""
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"rank {self.rank}: transport used after close()")
+
+    def __enter__(self) -> "MPITransport":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

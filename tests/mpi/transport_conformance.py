@@ -1,0 +1,406 @@
+"""Transport conformance: one set of checks, written against the Transport
+protocol, run for every implementation.
+
+    mpiexec -n 3 python -m mpi4py tests/mpi/transport_conformance.py mpi
+    mpiexec -n 3 python -m mpi4py tests/mpi/transport_conformance.py gloo
+    python tests/mpi/transport_conformance.py loopback 3     # ranks as threads
+
+Every check is collective: all ranks run it, separated by barriers. Rank 0
+prints ``ok <check>`` for each and ``CONFORMANCE PASSED`` at the end; any
+failure raises (``python -m mpi4py`` turns that into an abort of every rank,
+so a failing rank cannot leave the others waiting).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from sfprompt_mpi.comm.protocol import (ANY_SOURCE, HEADER_LEN, Header, Kind, ProtocolError,  # noqa: E402
+                                        Transport, header_for, pack_header)
+
+TIMEOUT = 30.0  # generous bound on every receive that should succeed
+KINDS = list(Kind)
+# (dtype, shape): 0-d to 6-d, empty, and every dtype the wire allows.
+CASES: list[tuple[torch.dtype, tuple[int, ...]] | None] = [
+    (torch.float32, (5,)), (torch.float32, (3, 4)), (torch.bfloat16, (2, 3, 4)),
+    (torch.float16, (2, 1, 3, 5)), (torch.int64, (7,)), (torch.int64, (2, 2, 2, 2)),
+    (torch.float32, ()), (torch.bfloat16, ()), (torch.float32, (0,)), (torch.bfloat16, (2, 0, 3)),
+    (torch.float64, (3, 3)), (torch.int32, (4,)), (torch.uint8, (10,)), (torch.float16, (1, 2, 1, 2, 1, 2)),
+    None,  # a message without payload
+]
+
+
+class Group:
+    """The collective side-channel the checks need: barrier and allgather."""
+
+    rank: int
+    size: int
+
+    def barrier(self) -> None: ...
+
+    def allgather(self, obj: Any) -> list: ...
+
+
+class MPIGroup(Group):
+    def __init__(self, comm) -> None:
+        self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def allgather(self, obj: Any) -> list:
+        return self.comm.allgather(obj)
+
+
+class ThreadGroup(Group):
+    """``size`` threads of one process acting as ranks."""
+
+    def __init__(self, shared: dict, rank: int) -> None:
+        self.shared, self.rank, self.size = shared, rank, len(shared["slots"])
+
+    def barrier(self) -> None:
+        self.shared["barrier"].wait(timeout=TIMEOUT)
+
+    def allgather(self, obj: Any) -> list:
+        self.shared["slots"][self.rank] = obj
+        self.barrier()
+        out = list(self.shared["slots"])
+        self.barrier()
+        return out
+
+
+def make_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=g) * 100).to(dtype)
+    return torch.randint(0, 200, shape, generator=g).to(dtype)
+
+
+def assert_same(got: torch.Tensor | None, want: torch.Tensor | None, what: str) -> None:
+    if want is None:
+        assert got is None, f"{what}: expected no payload, got {got}"
+        return
+    assert got is not None, f"{what}: payload missing"
+    assert got.dtype == want.dtype and got.shape == want.shape, f"{what}: {got.dtype}{list(got.shape)}"
+    assert torch.equal(got.cpu(), want), f"{what}: values differ"
+
+
+# --------------------------------------------------------------------- checks
+
+
+def check_roundtrip(t: Transport, g: Group) -> None:
+    """A ring: every rank sends all cases to the next before receiving any from
+    the previous, so sends must not wait for their receiver."""
+    dest, src = (g.rank + 1) % g.size, (g.rank - 1) % g.size
+    for i, case in enumerate(CASES):
+        x = None if case is None else make_tensor(*case, seed=1000 * g.rank + i)
+        t.send(dest, header_for(KINDS[i % len(KINDS)], x, round=7, client=g.rank, step=i, aux=3 * i - 1), x)
+    x = make_tensor(torch.float32, (4, 6), seed=g.rank).t()  # not contiguous
+    t.send(dest, header_for(Kind.ACTS, x, client=g.rank, step=len(CASES)), x)
+    for i, case in enumerate(CASES):
+        m = t.recv(src, timeout=TIMEOUT, waiting_for=f"roundtrip case {i}")
+        h = m.header
+        assert m.source == src, (m.source, src)
+        assert (h.kind, h.round, h.client, h.step, h.aux) == (KINDS[i % len(KINDS)], 7, src, i, 3 * i - 1), h
+        assert_same(m.payload, None if case is None else make_tensor(*case, seed=1000 * src + i), f"case {i} {case}")
+    m = t.recv(src, timeout=TIMEOUT, waiting_for="the transposed tensor")
+    assert_same(m.payload, make_tensor(torch.float32, (4, 6), seed=src).t().contiguous(), "transposed")
+
+
+def check_any_source(t: Transport, g: Group) -> None:
+    """Every other rank sends to rank 0, which takes them as they come and
+    must see the right ``source`` and each sender's messages in order."""
+    per_sender = 3
+    if g.rank != 0:
+        for j in range(per_sender):
+            x = torch.full((g.rank, j + 1), 10 * g.rank + j, dtype=torch.int64)
+            t.send(0, header_for(Kind.UPDATE, x, client=g.rank, step=j), x)
+        return
+    nxt = {r: 0 for r in range(1, g.size)}
+    m = t.recv(g.size - 1, timeout=TIMEOUT, waiting_for="the last rank's first message")
+    received = [m]
+    received += [t.recv(ANY_SOURCE, timeout=TIMEOUT, waiting_for="any sender")
+                 for _ in range(per_sender * (g.size - 1) - 1)]
+    for m in received:
+        assert m.source == m.header.client, (m.source, m.header.describe())
+        assert m.header.step == nxt[m.source], f"out of order from rank {m.source}: {m.header.describe()}"
+        nxt[m.source] += 1
+        assert_same(m.payload, torch.full((m.source, m.header.step + 1), 10 * m.source + m.header.step,
+                                          dtype=torch.int64), f"from rank {m.source}")
+    assert all(n == per_sender for n in nxt.values()), nxt
+
+
+def check_poll(t: Transport, g: Group) -> None:
+    assert not t.poll(), f"rank {g.rank}: poll() true with nothing sent"
+    g.barrier()
+    if g.rank == 1:
+        t.send(0, Header(Kind.STOP, step=99))
+    g.barrier()
+    if g.rank == 0:
+        deadline = time.monotonic() + TIMEOUT
+        while not t.poll(1):
+            assert time.monotonic() < deadline, "poll(1) never saw the message"
+            time.sleep(1e-3)
+        assert t.poll()
+        assert g.size < 3 or not t.poll(2), "poll(2) true but rank 2 sent nothing"
+        m = t.recv(1, timeout=TIMEOUT, waiting_for="the polled message")
+        assert (m.source, m.header.kind, m.header.step, m.payload) == (1, Kind.STOP, 99, None)
+        assert not t.poll()
+
+
+def check_timeout(t: Transport, g: Group) -> None:
+    t0 = time.monotonic()
+    try:
+        t.recv(timeout=0.25, waiting_for="the timeout probe of the conformance test")
+    except TimeoutError as exc:
+        text = str(exc)
+        assert "the timeout probe of the conformance test" in text and f"rank {g.rank}" in text, text
+    else:
+        raise AssertionError("recv returned although nothing was sent")
+    elapsed = time.monotonic() - t0
+    assert 0.25 <= elapsed < 3.0, elapsed
+    if g.size > 1:
+        try:
+            t.recv((g.rank + 1) % g.size, timeout=0.05, waiting_for="a named rank")
+        except TimeoutError as exc:
+            assert f"rank {(g.rank + 1) % g.size}" in str(exc), str(exc)
+        else:
+            raise AssertionError("recv from a named rank returned although nothing was sent")
+
+
+def check_waiting_cpu(t: Transport, g: Group) -> None:
+    """CPU time a rank spends in a receive that waits 1 s (should be tiny)."""
+    wall, cpu = time.monotonic(), time.process_time()
+    try:
+        t.recv(timeout=1.0, waiting_for="nothing (CPU measurement)")
+    except TimeoutError:
+        pass
+    share = (time.process_time() - cpu) / (time.monotonic() - wall)
+    shares = g.allgather(share)
+    if g.rank == 0:
+        print(f"cpu while waiting in recv: max {100 * max(shares):.1f}% of a core "
+              f"(per rank {', '.join(f'{100 * s:.1f}%' for s in shares)})", flush=True)
+    # Threads share one process clock, so only real ranks are measured.
+    assert not isinstance(g, MPIGroup) or max(shares) < 0.5, shares
+
+
+def check_big(t: Transport, g: Group) -> None:
+    """Ranks 0 and 1 swap 16 MiB tensors, both sending first."""
+    if g.rank > 1:
+        return
+    peer = 1 - g.rank
+    x = make_tensor(torch.float32, (4, 1024, 1024), seed=77 + g.rank)
+    t0 = time.perf_counter()
+    t.send(peer, header_for(Kind.BODY_OUT, x, client=g.rank), x)
+    m = t.recv(peer, timeout=TIMEOUT, waiting_for="the 16 MiB tensor")
+    dt = time.perf_counter() - t0
+    assert_same(m.payload, make_tensor(torch.float32, (4, 1024, 1024), seed=77 + peer), "16 MiB")
+    if g.rank == 0:
+        print(f"16 MiB exchange: {dt * 1e3:.1f} ms", flush=True)
+
+
+def check_flood(t: Transport, g: Group) -> None:
+    """Every other rank sends 300 messages (some 1 MiB) before rank 0 reads any."""
+    count = 300
+    if g.rank != 0:
+        for j in range(count):
+            x = torch.full((1 << 18,) if j % 50 == 0 else (3,), g.rank * 1000 + j, dtype=torch.float32)
+            t.send(0, header_for(Kind.ACTS, x, client=g.rank, step=j), x)
+    g.barrier()  # the senders got here, so no send waited for rank 0
+    if g.rank == 0:
+        nxt = {r: 0 for r in range(1, g.size)}
+        for _ in range(count * (g.size - 1)):
+            m = t.recv(timeout=TIMEOUT, waiting_for="the flood")
+            assert m.header.step == nxt[m.source], m.header.describe()
+            assert m.payload is not None and bool((m.payload == m.source * 1000 + m.header.step).all())
+            nxt[m.source] += 1
+
+
+def check_counters(t: Transport, g: Group) -> None:
+    """Everything counted as sent somewhere is counted as received by its peer."""
+    c = t.counter
+    all_counts = g.allgather((dict(c.sent), dict(c.recv), dict(c.sent_to), dict(c.recv_from)))
+    if g.rank != 0:
+        return
+    total_sent = sum(sum(s.values()) for s, _, _, _ in all_counts)
+    total_recv = sum(sum(r.values()) for _, r, _, _ in all_counts)
+    assert total_sent == total_recv > 0, (total_sent, total_recv)
+    for i, (_, _, sent_to, _) in enumerate(all_counts):
+        for j, n in sent_to.items():
+            assert all_counts[j][3].get(i) == n, f"rank {i} sent {n} B to rank {j}, which counted {all_counts[j][3]}"
+    for kind in {k for s, _, _, _ in all_counts for k in s}:
+        assert sum(s.get(kind, 0) for s, _, _, _ in all_counts) == sum(r.get(kind, 0) for _, r, _, _ in all_counts)
+    print(f"bytes: {total_sent} sent = {total_recv} received", flush=True)
+
+
+CHECKS: list[Callable[[Transport, Group], None]] = [
+    check_roundtrip, check_any_source, check_poll, check_timeout, check_waiting_cpu, check_big, check_flood,
+]
+
+
+# ------------------------------------------------ checks of the MPI-based transports
+
+
+def check_send_validation(t: Transport, g: Group) -> None:
+    for header, payload in [(header_for(Kind.ACTS, torch.zeros(3)), torch.zeros(4)),
+                            (header_for(Kind.ACTS, torch.zeros(3)), torch.zeros(3, dtype=torch.float64)),
+                            (header_for(Kind.ACTS, torch.zeros(3)), None)]:
+        try:
+            t.send((g.rank + 1) % g.size, header, payload)
+        except ProtocolError:
+            continue
+        raise AssertionError(f"send accepted {header.describe()} with payload {payload}")
+
+
+def check_malformed(t: Any, g: Group, payload_on_mpi: bool) -> None:
+    """Raw messages on the transport's own communicator: bad headers and a short payload are refused."""
+    from mpi4py import MPI
+
+    from sfprompt_mpi.comm.mpi import HEADER_TAG, PAYLOAD_TAG
+
+    bad_magic = pack_header(Header(Kind.STOP))
+    bad_magic[0] = 12345
+    bad_kind = pack_header(Header(Kind.STOP))
+    bad_kind[1] = 99
+    huge = pack_header(Header(Kind.ACTS, dtype=torch.float32, shape=(1 << 20, 1 << 20)))
+    raws = [(bad_magic, "magic"), (bad_kind, "unknown message kind"), (huge, "exceeds"),
+            (np.zeros(HEADER_LEN + 3, dtype=np.int64), "bad header")]
+    if g.rank == 1:
+        for wire, _ in raws:
+            t.comm.Send([wire, MPI.INT64_T], 0, HEADER_TAG)
+        if payload_on_mpi:
+            t.comm.Send([pack_header(header_for(Kind.ACTS, torch.zeros(4))), MPI.INT64_T], 0, HEADER_TAG)
+            t.comm.Send([np.zeros(8, dtype=np.uint8), MPI.BYTE], 0, PAYLOAD_TAG)
+    if g.rank == 0:
+        if payload_on_mpi:
+            raws.append((None, "announced 16 bytes but 8 came"))
+        for _, words in raws:
+            try:
+                t.recv(1, timeout=TIMEOUT, waiting_for="a malformed message")
+            except ProtocolError as exc:
+                assert words in str(exc), (words, str(exc))
+            else:
+                raise AssertionError(f"a malformed message ({words}) was accepted")
+
+
+def check_inplace_detected(t: Any, g: Group) -> None:
+    """Writing into a payload whose send is still in flight is an error, not silent corruption."""
+    x = torch.zeros(4 << 20, dtype=torch.float32)  # 16 MiB: MPI cannot finish it before the receiver matches
+    if g.rank == 0:
+        t.send(1, header_for(Kind.PARAMS, x), x)
+        x.add_(1)
+        try:
+            t.poll()
+        except RuntimeError as exc:
+            assert "modified in place" in str(exc), str(exc)
+        else:
+            raise AssertionError("in-place write to a payload in flight went unnoticed")
+    g.barrier()
+    if g.rank == 1:
+        t.recv(0, timeout=TIMEOUT, waiting_for="the modified payload")
+
+
+# ----------------------------------------------------------------------- main
+
+NEEDS_TWO_RANKS = {"check_any_source", "check_poll", "check_big", "check_flood", "check_malformed_messages",
+                   "check_inplace_detected"}
+
+
+def run_checks(t: Transport, g: Group, kind: str) -> None:
+    checks = list(CHECKS)
+    if kind != "loopback":
+        def check_malformed_messages(t: Transport, g: Group) -> None:
+            check_malformed(t, g, payload_on_mpi=kind == "mpi")
+
+        checks += [check_send_validation, check_malformed_messages]
+        if kind == "mpi":
+            checks.append(check_inplace_detected)
+    checks.append(check_counters)
+    for check in checks:
+        g.barrier()
+        if g.size == 1 and check.__name__ in NEEDS_TWO_RANKS:
+            continue
+        check(t, g)
+        g.barrier()
+        if g.rank == 0:
+            print(f"ok {check.__name__}", flush=True)
+
+
+def run_loopback(size: int) -> None:
+    from sfprompt_mpi.comm.loopback import LoopbackHub
+
+    hub = LoopbackHub(size)
+    shared = {"slots": [None] * size, "barrier": threading.Barrier(size)}
+    failures: list[BaseException] = []
+
+    def rank_main(rank: int) -> None:
+        try:
+            t = hub.endpoint(rank)
+            run_checks(t, ThreadGroup(shared, rank), "loopback")
+            t.close()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the main thread
+            failures.append(exc)
+            hub.abort(f"rank {rank}: {exc!r}")
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(size)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    if failures:
+        raise failures[0]
+    print(f"CONFORMANCE PASSED loopback size={size}", flush=True)
+
+
+def run_mpi(kind: str) -> None:
+    from mpi4py import MPI
+
+    from sfprompt_mpi.comm import build_transport
+    from sfprompt_mpi.errors import UserError
+
+    comm = MPI.COMM_WORLD
+    g = MPIGroup(comm)
+    if kind == "gloo":
+        node_size = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+        if torch.cuda.device_count() < node_size:
+            try:
+                build_transport("nccl", comm, None)
+            except UserError as exc:
+                assert f"needs one GPU per rank; this node has {torch.cuda.device_count()} GPUs for {node_size} ranks" \
+                    in str(exc), str(exc)
+            else:
+                raise AssertionError("nccl without a GPU per rank was accepted")
+            if g.rank == 0:
+                print("ok nccl refused without a GPU per rank", flush=True)
+    t0 = time.perf_counter()
+    t = build_transport(kind, comm, torch.device("cpu"))
+    setup = time.perf_counter() - t0
+    run_checks(t, g, kind)
+    t0 = time.perf_counter()
+    t.close()
+    t.close()  # idempotent
+    closing = time.perf_counter() - t0
+    g.barrier()
+    if g.rank == 0:
+        print(f"setup {setup * 1e3:.0f} ms, close {closing * 1e3:.0f} ms", flush=True)
+        print(f"CONFORMANCE PASSED {kind} size={g.size}", flush=True)
+
+
+if __name__ == "__main__":
+    which = sys.argv[1] if len(sys.argv) > 1 else "mpi"
+    if which == "loopback":
+        run_loopback(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+    elif which in ("mpi", "gloo", "nccl"):
+        run_mpi(which)
+    else:
+        sys.exit(f"usage: {sys.argv[0]} loopback [SIZE] | mpi | gloo | nccl")

@@ -1,0 +1,110 @@
+"""Transports: the wire header's checks, and one conformance script run for
+every Transport (loopback in-process, MPI and gloo under real ``mpiexec``).
+
+The conformance checks live in ``tests/mpi/transport_conformance.py`` and are
+written once against the Transport protocol; see its docstring for the list.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sfprompt_mpi.comm import build_transport
+from sfprompt_mpi.comm.protocol import (HEADER_LEN, MAX_DIMS, Header, Kind, ProtocolError, header_for,
+                                        pack_header, unpack_header)
+from sfprompt_mpi.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "mpi" / "transport_conformance.py"
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+LAUNCH_TIMEOUT_S = 120
+
+
+# ------------------------------------------------------------------ header
+
+
+def test_header_roundtrip_keeps_every_field():
+    x = torch.zeros(2, 3, 4, dtype=torch.bfloat16)
+    h = header_for(Kind.ACTS, x, round=5, client=17, step=3, aux=-1)
+
+    assert unpack_header(pack_header(h)) == h
+    assert unpack_header(pack_header(Header(Kind.STOP))) == Header(Kind.STOP)
+
+
+@pytest.mark.parametrize("spoil, words", [
+    (lambda w: w.__setitem__(0, 0x1234), "magic"),
+    (lambda w: w.__setitem__(1, 99), "unknown message kind"),
+    (lambda w: w.__setitem__(5, 42), "unknown dtype"),
+    (lambda w: w.__setitem__(6, MAX_DIMS + 1), "dimensions"),
+    (lambda w: w.__setitem__(8, -5), "negative shape"),
+    (lambda w: w.__setitem__(slice(8, 11), [1 << 20, 1 << 20, 1 << 10]), "exceeds the limit"),
+])
+def test_unpack_header_refuses_malformed(spoil, words):
+    wire = pack_header(header_for(Kind.ACTS, torch.zeros(2, 3, 4)))
+    spoil(wire)
+
+    with pytest.raises(ProtocolError, match=words):
+        unpack_header(wire)
+
+
+def test_unpack_header_refuses_wrong_length():
+    with pytest.raises(ProtocolError, match="length"):
+        unpack_header(np.zeros(HEADER_LEN - 1, dtype=np.int64))
+
+
+def test_build_transport_refuses_unknown_kind():
+    with pytest.raises(UserError, match="unknown transport 'tcp'"):
+        build_transport("tcp", None, None)
+
+
+# ------------------------------------------------------------- conformance
+
+
+def _conformance_module():
+    spec = importlib.util.spec_from_file_location("transport_conformance", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_loopback_conformance(size, capsys):
+    _conformance_module().run_loopback(size)
+
+    assert f"CONFORMANCE PASSED loopback size={size}" in capsys.readouterr().out
+
+
+def _launch(size: int, kind: str) -> subprocess.CompletedProcess:
+    """``mpiexec -n size`` of the conformance script, bounded; its whole process group dies on timeout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [str(MPIEXEC), "-n", str(size), sys.executable, "-m", "mpi4py", str(SCRIPT), kind]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} still running after {LAUNCH_TIMEOUT_S} s; output so far:\n{out}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+
+
+@pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")
+@pytest.mark.parametrize("kind, size", [("mpi", 2), ("mpi", 3), ("gloo", 1), ("gloo", 2), ("gloo", 3)])
+def test_mpi_conformance(kind, size):
+    result = _launch(size, kind)
+
+    assert result.returncode == 0, result.stdout
+    assert f"CONFORMANCE PASSED {kind} size={size}" in result.stdout, result.stdout
+    assert "cpu while waiting in recv" in result.stdout
+    if kind == "gloo":
+        assert "ok nccl refused without a GPU per rank" in result.stdout or torch.cuda.device_count() >= size
