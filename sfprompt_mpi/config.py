@@ -32,7 +32,7 @@ def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("vit_micro_patch4_32", "timm VisionTransformer name, or vit_micro_patch4_32 / vit_mini_patch4_32 (small 32-px models for CPU work)")
+    name: str = _f("vit_micro_patch8_32", "timm VisionTransformer name, or vit_micro_patch8_32 / vit_mini_patch4_32 (small 32-px models for CPU work)")
     head_blocks: int = _f(1, "transformer blocks in the client head (after patch embedding and prompts)")
     tail_blocks: int = _f(1, "transformer blocks in the client tail (before final norm and classifier)")
     prompt_len: int = _f(8, "number of soft prompt tokens P inserted after the class token (0: no prompts)")
@@ -61,16 +61,17 @@ class FedConfig:
     algo: str = _f("sfprompt", "training algorithm", ALGOS)
     clients: int = _f(0, "number of federated clients N (0: one per client rank, or 4 in a single process)")
     fraction: float = _f(1.0, "fraction K/N of clients selected each round")
-    rounds: int = _f(5, "federated rounds")
+    rounds: int = _f(10, "federated rounds")
     local_epochs: int = _f(1, "local-loss epochs per round (head->tail, body skipped)")
     local_loss: bool = _f(True, "run the local-loss update phase")
     split_epochs: int = _f(1, "split-training epochs per round over the kept samples")
     keep_ratio: float = _f(0.5, "fraction gamma of local samples kept by EL2N pruning (1.0: no pruning)")
     batch_size: int = _f(32, "client mini-batch size")
-    lr: float = _f(0.05, "SGD learning rate of split training")
-    local_lr: float = _f(0.05, "SGD learning rate of the local-loss update")
-    momentum: float = _f(0.9, "SGD momentum (optimiser state is reset every round)")
-    weight_decay: float = _f(0.0, "SGD weight decay")
+    optimizer: str = _f("adam", "client optimiser (its state is reset every round); the paper uses sgd", ("sgd", "adam"))
+    lr: float = _f(0.003, "learning rate of split training (the paper: 0.1 with sgd)")
+    local_lr: float = _f(0.003, "learning rate of the local-loss update (the paper: 1e-4 with sgd)")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(0.0, "weight decay")
 
 
 @dataclass
@@ -257,6 +258,7 @@ def validate(cfg: Config) -> None:
     _check(fe.rounds >= 1, f"fed.rounds must be >= 1, got {fe.rounds}")
     _check(fe.local_epochs >= 0 and fe.split_epochs >= 0, "fed.local_epochs and fed.split_epochs must be >= 0")
     _check(0 < fe.keep_ratio <= 1, f"fed.keep_ratio must be in (0, 1], got {fe.keep_ratio}")
+    _check(fe.optimizer in ("sgd", "adam"), f"fed.optimizer must be sgd or adam, got {fe.optimizer!r}")
     _check(fe.batch_size >= 1, f"fed.batch_size must be >= 1, got {fe.batch_size}")
     for key in ("lr", "local_lr", "momentum", "weight_decay"):
         value = getattr(fe, key)

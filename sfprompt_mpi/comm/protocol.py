@@ -40,7 +40,7 @@ class Kind(enum.IntEnum):
     GRAD_OUT = 5     # client -> server: dL/d(body output) BND
     GRAD_ACTS = 6    # server -> client: dL/d(activations) BND
     UPDATE = 7       # client -> server: trained trainable vector F; aux = local sample count
-    STATS = 8        # client -> server: float64 per-client round statistics
+    REJECT = 8       # server -> host: the client's message was refused; it leaves this round
     STOP = 9         # server -> host: no more rounds
     ERROR = 10       # any -> any: the sender failed; aux = sender's rank
 
@@ -80,16 +80,12 @@ class Header:
     def nbytes(self) -> int:
         if self.shape is None:
             return 0
-        return math.prod(self.shape) * _itemsize(self.dtype)
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def describe(self) -> str:
         shape = "x".join(map(str, self.shape)) if self.shape is not None else "-"
         return (f"{self.kind.label}(round={self.round}, client={self.client}, step={self.step}, "
                 f"{str(self.dtype).removeprefix('torch.')}[{shape}])")
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def header_for(kind: Kind, tensor: torch.Tensor | None, *, round: int = 0, client: int = -1,

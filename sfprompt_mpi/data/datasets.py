@@ -289,11 +289,38 @@ def dataset_labels(ds: Dataset) -> np.ndarray:
     raise TypeError(f"cannot read labels of {type(ds).__name__} without decoding it")
 
 
-def _load_files(name: str, spec: _FileSpec, root: Path, image_size: int) -> tuple[Dataset, Dataset]:
+#: Training-set sizes of the file datasets as torchvision ships them (for plans, before loading).
+NOMINAL_TRAIN_SIZES = {"cifar10": 50000, "cifar100": 50000, "svhn": 73257, "flowers102": 2040,
+                       "caltech101": 6941, "food101": 75750}
+
+
+def check_dataset_files(cfg: DataConfig) -> tuple[int, int]:
+    """Check the dataset's files exist without reading them; -> (train samples, classes).
+
+    File datasets report their nominal training-set size (before ``max_train_samples``).
+    """
+    name = cfg.dataset
+    if name == "digits":
+        n, k = len(_stratified_split(_load_digits_arrays()[1], _TEST_FRACTION, _SPLIT_SEED)[0]), 10
+    elif name == "synthetic":
+        n, k = cfg.synthetic_samples, cfg.synthetic_classes
+    elif name in _FILE_DATASETS:
+        _check_files(name, _FILE_DATASETS[name], Path(cfg.data_dir))
+        n, k = NOMINAL_TRAIN_SIZES[name], _FILE_DATASETS[name].num_classes
+    else:
+        raise _unknown(name)
+    return (min(n, cfg.max_train_samples) if cfg.max_train_samples else n), k
+
+
+def _check_files(name: str, spec: _FileSpec, root: Path) -> None:
     for rel in spec.required:
         if not (root / rel).exists():
             raise UserError(f"dataset {name} not found under {root} (expected {root / rel}); "
                             "pass --download or --data-dir pointing at it")
+
+
+def _load_files(name: str, spec: _FileSpec, root: Path, image_size: int) -> tuple[Dataset, Dataset]:
+    _check_files(name, spec, root)
     try:
         return spec.load(root, build_transform(image_size))
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError, IndexError, RuntimeError) as exc:

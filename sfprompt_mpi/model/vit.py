@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 #: Small 32-px models for CPU work and tests: name -> VisionTransformer kwargs.
 SMALL_MODELS: dict[str, dict] = {
-    "vit_micro_patch4_32": dict(img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0),
+    "vit_micro_patch8_32": dict(img_size=32, patch_size=8, embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0, init_values=0.1),
     "vit_mini_patch4_32": dict(img_size=32, patch_size=4, embed_dim=128, depth=8, num_heads=4, mlp_ratio=4.0),
 }
 

@@ -1,0 +1,273 @@
+"""Assembling one run on one rank: checks, data, model, transport, roles.
+
+Every setup stage is *agreed*: each rank runs it, the ranks exchange their
+errors, and if any rank failed every rank raises the same UserError, so a bad
+config, a missing dataset or a corrupt checkpoint ends the job with one line
+and exit code 2 everywhere instead of a hang. Nothing is written to the run
+directory until every check has passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .comm.loopback import LoopbackHub
+from .config import Config
+from .data.datasets import FedData, build_data, check_dataset_files, prepare_dataset
+from .data.partition import partition_indices
+from .errors import UserError
+from .fed.checkpoint import check_compatible, load_checkpoint
+from .fed.client import ClientHost
+from .fed.server import Server
+from .fed.state import Layout, trainable_names
+from .metrics.accounting import describe_plan
+from .metrics.h5 import MetricsWriter, link_rank_files
+from .model.split import apply_client_cut, build_model, freeze_except
+from .model.vit import build_backbone
+from .run import World, client_hosts, set_threads, setup_logging
+
+log = logging.getLogger("sfprompt_mpi")
+
+
+def _agree(world: World, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on every rank; if it raised UserError anywhere, raise it everywhere."""
+    result, error = None, None
+    try:
+        result = fn()
+    except UserError as exc:
+        error = str(exc)
+    if world.comm is not None and world.size > 1:
+        errors = world.comm.allgather(error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def _bcast(world: World, value: Any) -> Any:
+    return value if world.comm is None or world.size == 1 else world.comm.bcast(value, root=0)
+
+
+def num_clients(cfg: Config, world: World) -> int:
+    n = cfg.fed.clients or (4 if world.single else world.size - 1)
+    if not world.single and n < world.size - 1:
+        raise UserError(f"--clients {n} is smaller than the {world.size - 1} client ranks; "
+                        f"use --clients >= {world.size - 1} or launch with -n {n + 1}")
+    return n
+
+
+def _new_run_dir(cfg: Config) -> Path:
+    path = Path(cfg.run.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"run directory {path} already exists and is not empty; "
+                        f"choose another --run-dir or continue it with --resume {path}")
+    parent = path.parent if path.parent != Path("") else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"run directory {path} cannot be created: {probe} is not writable")
+    return path
+
+
+def _rank0_checks(cfg: Config, world: World) -> dict:
+    """Checks that touch the file system once: weights, dataset files, run dir, checkpoint."""
+    n = num_clients(cfg, world)
+    meta_vit = build_backbone(cfg.model, num_classes=2, meta=True)
+    depth = len(meta_vit.blocks)
+    if cfg.model.head_blocks + cfg.model.tail_blocks >= depth:
+        raise UserError(f"head_blocks + tail_blocks = {cfg.model.head_blocks + cfg.model.tail_blocks} must be "
+                        f"smaller than the depth {depth} of {cfg.model.name}")
+    if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
+        raise UserError(f"model checkpoint {cfg.model.checkpoint} does not exist")
+    if cfg.run.dry_run:
+        check_dataset_files(cfg.data)
+        return {"clients": n}
+    prepare_dataset(cfg.data)
+    if cfg.model.pretrained:
+        build_backbone(cfg.model, num_classes=2)  # fetch into the cache once, before the other ranks
+    info: dict[str, Any] = {"clients": n, "start_round": 1, "resume_round": None}
+    if cfg.run.resume:
+        run_dir = Path(cfg.run.resume)
+        _, state = load_checkpoint(run_dir / "checkpoint")
+        info.update(run_dir=str(run_dir), start_round=int(state["round"]) + 1, resume_round=int(state["round"]))
+    else:
+        info["run_dir"] = str(_new_run_dir(cfg))
+    return info
+
+
+def run_job(cfg: Config, world: World) -> int:
+    """Run (or dry-run) the configured job on this rank; -> exit code."""
+    threading.current_thread().name = f"r{world.rank:02d}"
+    setup_logging(cfg, world.rank, None)
+    threads = set_threads(cfg, world)
+    info = _bcast(world, _agree(world, lambda: _rank0_checks(cfg, world) if world.rank == 0 else None))
+    n = info["clients"]
+    hosts = {1: list(range(n))} if world.single else client_hosts(n, world.size)
+    if cfg.run.dry_run:
+        if world.rank == 0:
+            print(describe_plan(cfg, hosts, world.size, threads))
+        return 0
+
+    data: FedData = _agree(world, lambda: build_data(cfg.data, _image_size(cfg), cfg.run.seed))
+    model = _agree(world, lambda: build_model(cfg.model, data.num_classes, cfg.run.seed, quiet=world.rank != 0))
+    layout = Layout(model, trainable_names(model, cfg))
+    freeze_except(model, set(layout.names))
+    global_state = _agree(world, lambda: _load_global(cfg, layout) if world.rank == 0 and cfg.run.resume else None)
+
+    run_dir = Path(info["run_dir"])
+    if world.rank == 0:
+        (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
+        if not cfg.run.resume:
+            (run_dir / "config.toml").write_text(cfg.to_toml())
+    if world.comm is not None and world.size > 1:
+        world.comm.Barrier()
+    setup_logging(cfg, world.rank, run_dir / "logs")
+    start, resume_round = info["start_round"], info["resume_round"]
+    if start > cfg.fed.rounds:
+        log.info("run %s already completed %d of %d rounds; nothing to do", run_dir, start - 1, cfg.fed.rounds)
+        return 0
+    if resume_round is not None:
+        log.info("resuming %s after round %d", run_dir, resume_round)
+
+    if world.single:
+        _run_single(cfg, model, layout, data, hosts, run_dir, global_state, start, resume_round)
+    else:
+        _run_mpi(cfg, world, model, layout, data, hosts, run_dir, global_state, start, resume_round)
+    return 0
+
+
+def _image_size(cfg: Config) -> int:
+    return build_backbone(cfg.model, num_classes=2, meta=True).patch_embed.img_size[0]
+
+
+def _load_global(cfg: Config, layout: Layout) -> dict[str, torch.Tensor]:
+    where = Path(cfg.run.resume) / "checkpoint"
+    tensors, _ = load_checkpoint(where)
+    check_compatible(tensors, dict(zip(layout.names, layout.shapes)), str(where))
+    return tensors
+
+
+def _attrs(cfg: Config, device: str) -> dict[str, Any]:
+    import timm
+    versions = {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}
+    try:
+        import mpi4py
+        from mpi4py import MPI
+        versions.update(mpi4py=mpi4py.__version__, mpi=MPI.Get_library_version().splitlines()[0].strip())
+    except Exception:  # noqa: BLE001 - versions are informational
+        pass
+    return {"config": cfg.to_toml(), "versions": json.dumps(versions), "host": socket.gethostname(), "device": device}
+
+
+def _server_device(cfg: Config) -> torch.device:
+    if cfg.run.server_device == "cuda" or (cfg.run.server_device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("--server-device cuda but no CUDA device is visible on rank 0")
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def _progress(cfg: Config) -> Callable[[int, dict], None]:
+    def report(rnd: int, row: dict) -> None:
+        moved = sum(v for k, v in row.items() if k.startswith("bytes_")) / 1e6
+        acc = f"test acc {row['test_acc']:.4f} loss {row['test_loss']:.4f}" if "test_acc" in row else "no eval"
+        log.info("round %d/%d: %s (%.1f s, %.2f MB at the server)", rnd, cfg.fed.rounds, acc, row["round_s"], moved)
+    return report
+
+
+def _build_server(cfg, model, layout, data, hosts, transport, run_dir, global_state, resume_round, device):
+    metrics = MetricsWriter(run_dir, 0, role="server", attrs=_attrs(cfg, str(device)), resume_round=resume_round)
+    server = Server(cfg, model, layout, data.test, hosts, transport, device=device, metrics=metrics,
+                    run_dir=str(run_dir), on_round=_progress(cfg))
+    if global_state is not None:
+        server.global_state = global_state
+        layout.write(server.model, global_state)
+    return server, metrics
+
+
+def _build_host(cfg, rank, model, layout, data, hosts, transport, run_dir, resume_round):
+    n = sum(len(c) for c in hosts.values())
+    parts = partition_indices(data.train_labels, n, cfg.data.partition, alpha=cfg.data.alpha,
+                              shards_per_client=cfg.data.shards_per_client, seed=cfg.run.seed)
+    shards = {c: parts[c] for c in hosts[rank]}
+    metrics = MetricsWriter(run_dir, rank, role="client", attrs=_attrs(cfg, "cpu"), resume_round=resume_round)
+    return ClientHost(cfg, apply_client_cut(model), layout, data.train, shards, transport, metrics), metrics
+
+
+def _run_single(cfg, model, layout, data, hosts, run_dir, global_state, start, resume_round) -> None:
+    """Server and one client host as two threads over the loopback transport."""
+    import copy
+    hub = LoopbackHub(2)
+    device = _server_device(cfg)
+    host, host_metrics = _build_host(cfg, 1, copy.deepcopy(model), layout, data, hosts, hub.endpoint(1),
+                                     run_dir, resume_round)
+    server, metrics = _build_server(cfg, model, layout, data, hosts, hub.endpoint(0), run_dir, global_state,
+                                    resume_round, device)
+    failures: list[BaseException] = []
+
+    def host_main() -> None:
+        try:
+            host.serve()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            failures.append(exc)
+            hub.abort(f"client host: {type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=host_main, name="r01", daemon=True)
+    thread.start()
+    try:
+        server.run(start)
+    except BaseException:
+        hub.abort("the server failed")
+        if failures:
+            raise failures[0] from None
+        raise
+    finally:
+        thread.join(timeout=60)
+        metrics.close()
+        host_metrics.close()
+        link_rank_files(run_dir, 2)
+    if failures:
+        raise failures[0]
+    _summary(cfg, server, run_dir)
+
+
+def _run_mpi(cfg, world, model, layout, data, hosts, run_dir, global_state, start, resume_round) -> None:
+    from .comm import build_transport
+    device = _server_device(cfg) if world.rank == 0 else torch.device("cpu")
+    transport = _agree(world, lambda: build_transport(cfg.comm.transport, world.comm, device))
+    try:
+        if world.rank == 0:
+            server, metrics = _build_server(cfg, model, layout, data, hosts, transport, run_dir, global_state,
+                                            resume_round, device)
+            try:
+                server.run(start)
+            finally:
+                metrics.close()
+            link_rank_files(run_dir, world.size)
+            _summary(cfg, server, run_dir)
+        else:
+            host, metrics = _build_host(cfg, world.rank, model, layout, data, hosts, transport, run_dir, resume_round)
+            try:
+                host.serve()
+            finally:
+                metrics.close()
+    finally:
+        transport.close()
+
+
+def _summary(cfg: Config, server: Server, run_dir: Path) -> None:
+    last = next((h for h in reversed(server.history) if "test_acc" in h), None)
+    acc = f"{last['test_acc']:.4f}" if last else "n/a"
+    log.info("done: %d rounds, final test accuracy %s; run directory %s", cfg.fed.rounds, acc, run_dir)
+    log.info("analyze with: python -m sfprompt_mpi.analyze %s", run_dir)
