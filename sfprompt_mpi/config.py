@@ -22,6 +22,7 @@ from .errors import UserError
 
 ALGOS = ("sfprompt", "fl-full", "fl-linear", "fedpeft-prompt", "fedpeft-bias",
          "fedpeft-adapter", "sfl-full", "sfl-linear")
+FAULTS = ("wrong-shape", "nan", "crash", "hang", "slow", "huge-norm")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "flowers102",
             "caltech101", "food101")
 
@@ -93,6 +94,7 @@ class RunConfig:
     log_level: str = _f("", "log level (default: INFO on rank 0, WARNING elsewhere)", ("", "DEBUG", "INFO", "WARNING", "ERROR"))
     dry_run: bool = _f(False, "validate config and world size, print the plan, and exit")
     eval_every: int = _f(1, "evaluate the global model every this many rounds (and after the last)")
+    inject_fault: str = _f("", "for tests and drills: KIND@rank:R,round:K with KIND one of " + ", ".join(FAULTS))
 
 
 @dataclass
@@ -271,6 +273,32 @@ def validate(cfg: Config) -> None:
     _check(r.server_device in ("auto", "cpu", "cuda"), f"run.server_device must be auto, cpu or cuda, got {r.server_device!r}")
     _check(r.threads >= 0, "run.threads must be >= 0")
     _check(r.eval_every >= 1, "run.eval_every must be >= 1")
+    if r.inject_fault:
+        parse_fault(r.inject_fault)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault to inject: ``kind`` on client rank ``rank`` in round ``round``."""
+
+    kind: str
+    rank: int
+    round: int
+
+
+def parse_fault(spec: str) -> Fault:
+    """Parse ``KIND@rank:R,round:K``."""
+    try:
+        kind, where = spec.split("@")
+        fields = dict(part.split(":") for part in where.split(","))
+        fault = Fault(kind, int(fields.pop("rank")), int(fields.pop("round")))
+        if fields:
+            raise ValueError
+    except (ValueError, KeyError):
+        raise UserError(f"run.inject_fault {spec!r} must look like KIND@rank:R,round:K") from None
+    _check(fault.kind in FAULTS, f"run.inject_fault kind {fault.kind!r} is not one of {', '.join(FAULTS)}")
+    _check(fault.rank >= 1, "run.inject_fault rank must be a client rank (>= 1)")
+    return fault
 
 
 def _check(ok: bool, message: str) -> None:

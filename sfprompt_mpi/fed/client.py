@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from ..comm.protocol import Kind, Message, Transport, expect, header_for
-from ..config import Config
+from ..config import Config, parse_fault
 from ..model.split import PromptedViT
 from .pruning import el2n_scores, select_highest
 from .state import Layout, derive_seed
@@ -69,6 +69,17 @@ class ClientHost:
         self._params = dict(model.named_parameters())
         self.trainable = [self._params[n] for n in layout.names]
         self._current: tuple[int, int] | None = None
+        self.fault = parse_fault(cfg.run.inject_fault) if cfg.run.inject_fault else None
+        self.rank = transport.rank
+        self._faulted = False
+
+    def _fault(self, rnd: int, kinds: tuple[str, ...]) -> str | None:
+        """The injected fault due now (first client of the round only), if any."""
+        f = self.fault
+        if f is not None and f.kind in kinds and f.rank == self.rank and f.round == rnd and not self._faulted:
+            self._faulted = True
+            return f.kind
+        return None
 
     # -- the host loop --------------------------------------------------------
     def serve(self) -> None:
@@ -79,7 +90,7 @@ class ClientHost:
                 return
             expect(msg.header, Kind.START)
             rnd = msg.header.round
-            peak = 0.0
+            self._faulted = False
             # The server sends every selected client's parameters right after START.
             todo = []
             for cid in msg.payload.tolist():
@@ -147,7 +158,10 @@ class ClientHost:
         stats.update(split_loss=split_loss)
         stats.update({"time/local": t1 - t0, "time/prune": t2 - t1, "time/split": t3 - t2 - waited,
                       "time/wait": waited})
-        return self.layout.flatten(self.layout.read(self.model)), len(shard), stats
+        flat_F = self.layout.flatten(self.layout.read(self.model))
+        if self._fault(rnd, ("huge-norm",)):
+            flat_F = global_F + (flat_F - global_F) * 1e6
+        return flat_F, len(shard), stats
 
     def _optimizer(self, lr: float) -> torch.optim.Optimizer:
         cfg = self.cfg.fed
@@ -194,12 +208,15 @@ class ClientHost:
                 acts_BND = self.model.head(images)
                 need_grad = acts_BND.requires_grad
                 wire_BND = acts_BND.detach().to(self.wire)
+                fault = self._fault(rnd, ("wrong-shape", "nan", "crash", "hang", "slow"))
+                if fault is not None:
+                    wire_BND = _inject(fault, wire_BND, self.timeout)
                 t0 = time.perf_counter()
                 self.transport.send(SERVER, header_for(Kind.ACTS, wire_BND, round=rnd, client=cid, step=step,
                                                        aux=int(need_grad)), wire_BND)
                 reply = self._recv(f"round {rnd} body output for client {cid} step {step}")
                 waited += time.perf_counter() - t0
-                expect(reply.header, Kind.BODY_OUT, round=rnd, client=cid, step=step, shape=tuple(wire_BND.shape))
+                expect(reply.header, Kind.BODY_OUT, round=rnd, client=cid, step=step, shape=tuple(acts_BND.shape))
                 body_BND = reply.payload.to(self.device, torch.float32).requires_grad_(True)
                 logits_BK = self.model.tail(body_BND)
                 loss = F.cross_entropy(logits_BK, labels)
@@ -222,6 +239,19 @@ class ClientHost:
     def _batch(self, indices: np.ndarray, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = take_batch(self.train, indices[pos.numpy()])
         return images.to(self.device), labels.to(self.device)
+
+
+def _inject(kind: str, wire_BND: torch.Tensor, timeout: float) -> torch.Tensor:
+    """Corrupt or delay an outgoing activation as ``--inject-fault`` asks."""
+    log.warning("injecting fault %s", kind)
+    if kind == "wrong-shape":
+        return wire_BND[:, :-1].contiguous()
+    if kind == "nan":
+        return torch.full_like(wire_BND, float("nan"))
+    if kind == "crash":
+        raise RuntimeError("injected crash (--inject-fault)")
+    time.sleep(timeout * (3 if kind == "hang" else 0.5))
+    return wire_BND
 
 
 def _peak_mem_mb() -> float:
