@@ -143,6 +143,8 @@ def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
 
 
 FIELDS = _field_index()
+#: CLI flags that differ from their field names.
+_FLAGS = {"name": "--model"}
 
 
 def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
@@ -190,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     for section, cls in _SECTION_CLASSES.items():
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
+            flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
             meta = f.metadata
             kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{meta['help']} (default: {f.default!r})"}
             if isinstance(f.default, bool):

@@ -141,7 +141,7 @@ def run_job(cfg: Config, world: World) -> int:
         log.info("resuming %s after round %d", run_dir, resume_round)
 
     if world.single:
-        _run_single(cfg, model, layout, data, hosts, run_dir, global_state, start, resume_round)
+        run_reference(cfg, model, layout, data, hosts, run_dir, global_state, start, resume_round)
     else:
         _run_mpi(cfg, world, model, layout, data, hosts, run_dir, global_state, start, resume_round)
     return 0
@@ -205,8 +205,9 @@ def _build_host(cfg, rank, model, layout, data, hosts, transport, run_dir, resum
     return ClientHost(cfg, apply_client_cut(model), layout, data.train, shards, transport, metrics), metrics
 
 
-def _run_single(cfg, model, layout, data, hosts, run_dir, global_state, start, resume_round) -> None:
-    """Server and one client host as two threads over the loopback transport."""
+def run_reference(cfg, model, layout, data, hosts, run_dir, global_state=None, start=1,
+                  resume_round=None) -> tuple[Server, ClientHost]:
+    """Server and one client host as two threads over the loopback transport; -> both, finished."""
     import copy
     hub = LoopbackHub(2)
     device = _server_device(cfg)
@@ -240,6 +241,7 @@ def _run_single(cfg, model, layout, data, hosts, run_dir, global_state, start, r
     if failures:
         raise failures[0]
     _summary(cfg, server, run_dir)
+    return server, host
 
 
 def _run_mpi(cfg, world, model, layout, data, hosts, run_dir, global_state, start, resume_round) -> None:

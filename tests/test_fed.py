@@ -1,0 +1,134 @@
+"""The federated round: pruning, aggregation, the real message path, learning, resume."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from sfprompt_mpi.config import build_config
+from sfprompt_mpi.data.datasets import build_data
+from sfprompt_mpi.fed.aggregate import fedavg
+from sfprompt_mpi.fed.client import take_batch
+from sfprompt_mpi.fed.pruning import el2n_scores, keep_count, select_highest
+from sfprompt_mpi.fed.state import Layout, trainable_names
+from sfprompt_mpi.metrics.h5 import read_metrics
+from sfprompt_mpi.model.split import build_model, freeze_except
+from sfprompt_mpi.run import main
+from sfprompt_mpi.runtime import run_reference
+
+TINY = ["--max-train-samples", "240", "--max-test-samples", "80", "--threads", "1", "--batch-size", "16"]
+
+
+# -- pure pieces ------------------------------------------------------------------
+def test_el2n_matches_its_formula() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.1, 0.2, 0.3]])
+    labels = torch.tensor([0, 2])
+    p = torch.softmax(logits, -1)
+    want = torch.stack([torch.sqrt((p[0, 0] - 1) ** 2 + p[0, 1] ** 2 + p[0, 2] ** 2),
+                        torch.sqrt(p[1, 0] ** 2 + p[1, 1] ** 2 + (p[1, 2] - 1) ** 2)])
+    torch.testing.assert_close(el2n_scores(logits, labels), want)
+
+
+@pytest.mark.parametrize("n,ratio", [(10, 0.3), (7, 0.5), (100, 0.01), (5, 1.0), (1, 0.2), (33, 0.999)])
+def test_pruning_keeps_exactly_ceil_of_the_highest_scores(n: int, ratio: float) -> None:
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(n))
+    kept = select_highest(scores, ratio)
+    k = math.ceil(round(ratio * n, 9))
+    assert len(kept) == k == keep_count(n, ratio)
+    assert sorted(kept.tolist()) == kept.tolist()
+    dropped = sorted(set(range(n)) - set(kept.tolist()))
+    if dropped:
+        assert scores[kept].min() >= scores[dropped].max()
+
+
+def test_fedavg_is_the_exact_weighted_mean() -> None:
+    g = torch.Generator().manual_seed(0)
+    states = [{"a": torch.randn(3, 2, generator=g), "b": torch.randn(4, generator=g)} for _ in range(3)]
+    weights = [10, 30, 5]
+    out = fedavg(list(zip(states, weights)))
+    for key in ("a", "b"):
+        want = sum(s[key].double() * w for s, w in zip(states, weights)) / sum(weights)
+        assert torch.equal(out[key], want.float())
+    assert torch.equal(fedavg([(states[1], 7)])["a"], states[1]["a"])
+    with pytest.raises(ValueError):
+        fedavg([])
+
+
+# -- the real message path -----------------------------------------------------------
+def _reference(tmp_path, overrides: dict):
+    cfg = build_config(overrides)
+    data = build_data(cfg.data, 32, cfg.run.seed)
+    model = build_model(cfg.model, data.num_classes, cfg.run.seed, quiet=True)
+    layout = Layout(model, trainable_names(model, cfg))
+    freeze_except(model, set(layout.names))
+    hosts = {1: list(range(cfg.fed.clients))}
+    before = copy.deepcopy(model)
+    server, host = run_reference(cfg, model, layout, data, hosts, tmp_path / "run")
+    return cfg, data, layout, before, server, host
+
+
+def test_one_split_step_equals_an_unsplit_sgd_step(tmp_path) -> None:
+    # Prepare: one client, one batch holding all its samples, plain SGD, no local loss, no pruning.
+    overrides = {"fed": {"clients": 1, "rounds": 1, "local_loss": False, "keep_ratio": 1.0, "optimizer": "sgd",
+                         "momentum": 0.0, "lr": 0.5, "batch_size": 64},
+                 "data": {"max_train_samples": 40, "max_test_samples": 20},
+                 "model": {"prompt_len": 3, "prompt_depth": "deep", "head_blocks": 2}}
+    # Execute
+    cfg, data, layout, before, server, _ = _reference(tmp_path, overrides)
+    # Assert: the global state after the round is the unsplit model's SGD step.
+    images, labels = take_batch(data.train, np.arange(len(data.train)))
+    params = dict(before.named_parameters())
+    loss = F.cross_entropy(before(images), labels)
+    grads = torch.autograd.grad(loss, [params[n] for n in layout.names])
+    for name, g in zip(layout.names, grads):
+        torch.testing.assert_close(server.global_state[name], params[name].detach() - 0.5 * g, rtol=0, atol=2e-6,
+                                   msg=name)
+
+
+def test_frozen_parameters_are_bit_identical_after_rounds(tmp_path) -> None:
+    overrides = {"fed": {"clients": 2, "rounds": 2}, "data": {"max_train_samples": 120, "max_test_samples": 40}}
+    cfg, _, layout, before, server, host = _reference(tmp_path, overrides)
+    trainable = set(layout.names)
+    old = dict(before.named_parameters())
+    changed = [n for n, p in server.model.named_parameters() if n not in trainable and not torch.equal(p, old[n])]
+    assert changed == []
+    changed = [n for n, p in host.model.named_parameters() if n not in trainable and not torch.equal(p, old[n])]
+    assert changed == []
+    moved = [n for n in layout.names if not torch.equal(server.global_state[n], old[n])]
+    assert "prompts.tokens" in moved and "vit.head.weight" in moved
+
+
+# -- whole runs -------------------------------------------------------------------------
+def test_default_job_learns_digits_far_above_chance(tmp_path) -> None:
+    # The offline default (digits, micro ViT from random weights, 4 clients, 10 rounds).
+    # Chance is 0.10; this seed reaches ~0.73 here. We hold 0.5.
+    run_dir = tmp_path / "run"
+    assert main(["--run-dir", str(run_dir), "--threads", "2"]) == 0
+    steps, acc = read_metrics(run_dir / "metrics" / "rank00000.h5")["test_acc"]
+    assert list(steps) == list(range(1, 11))
+    assert acc[-1] >= 0.5, acc
+
+
+def test_resume_after_round_k_ends_where_an_uninterrupted_run_ends(tmp_path) -> None:
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main(TINY + ["--run-dir", str(whole), "--rounds", "4"]) == 0
+    assert main(TINY + ["--run-dir", str(part), "--rounds", "2"]) == 0
+    assert main(["--resume", str(part), "--rounds", "4"]) == 0
+    a = load_file(str(whole / "checkpoint" / "global.safetensors"))
+    b = load_file(str(part / "checkpoint" / "global.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps, _ = read_metrics(part / "metrics" / "rank00000.h5")["test_acc"]
+    assert list(steps) == [1, 2, 3, 4]
+    steps, _ = read_metrics(part / "metrics" / "rank00001.h5")["bytes_sent/update"]
+    assert list(steps) == [1, 2, 3, 4]
+    # A finished run resumed again has nothing to do and changes nothing.
+    assert main(["--resume", str(part), "--rounds", "4"]) == 0
+    assert torch.equal(load_file(str(part / "checkpoint" / "global.safetensors"))["prompts.tokens"],
+                       b["prompts.tokens"])
