@@ -179,10 +179,28 @@ def _server_device(cfg: Config) -> torch.device:
 
 
 def _progress(cfg: Config) -> Callable[[int, dict], None]:
+    """Per-round report on rank 0: a tqdm bar on a terminal, else one log line per round."""
+    import sys
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.fed.rounds, desc="rounds", unit="round", leave=True)
+    moved_total = 0.0
+
     def report(rnd: int, row: dict) -> None:
-        moved = sum(v for k, v in row.items() if k.startswith("bytes_")) / 1e6
+        nonlocal moved_total
+        moved = sum(v for k, v in row.items() if k.startswith("bytes_sent/") or k.startswith("bytes_recv/")) / 1e6
+        moved_total += moved
         acc = f"test acc {row['test_acc']:.4f} loss {row['test_loss']:.4f}" if "test_acc" in row else "no eval"
-        log.info("round %d/%d: %s (%.1f s, %.2f MB at the server)", rnd, cfg.fed.rounds, acc, row["round_s"], moved)
+        if bar is not None:
+            bar.n = rnd
+            bar.set_postfix_str(f"acc {row.get('test_acc', float('nan')):.4f}, {moved_total:.1f} MB")
+            bar.refresh()
+            if rnd == cfg.fed.rounds:
+                bar.close()
+        logging.getLogger("sfprompt_mpi.progress").log(
+            logging.DEBUG if bar is not None else logging.INFO,
+            "round %d/%d: %s (%.1f s, %.2f MB at the server)", rnd, cfg.fed.rounds, acc, row["round_s"], moved)
     return report
 
 

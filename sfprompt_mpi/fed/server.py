@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..comm.protocol import Kind, Message, ProtocolError, Transport, expect, header_for
+from ..comm.protocol import HEADER_BYTES, Kind, Message, ProtocolError, Transport, expect, header_for
 from ..config import Config
 from ..model.split import PromptedViT
 from .aggregate import fedavg
@@ -102,6 +102,7 @@ class Server:
         row: dict[str, Any] = {"selected": np.array(order, dtype=np.float64),
                                "agg_weights": np.array(weights, dtype=np.float64) / max(sum(weights), 1)}
         row.update(served)
+        row["bytes_recv_per_client"] = np.array([self._client_bytes.get(c, 0) for c in order], dtype=np.float64)
         if rnd % self.cfg.run.eval_every == 0 or rnd == self.cfg.fed.rounds:
             t0 = time.perf_counter()
             acc, loss = self.evaluate()
@@ -112,6 +113,7 @@ class Server:
         row.update({f"bytes_sent/{k}": v for k, v in counts["sent"].items()})
         row.update({f"bytes_recv/{k}": v for k, v in counts["recv"].items()})
         row["round_s"] = time.perf_counter() - t_round
+        row["server_busy_frac"] = (served["body_fwd_s"] + served["body_bwd_s"]) / max(row["round_s"], 1e-9)
         if self.metrics is not None:
             self.metrics.log(row, rnd)
         self.history.append({"round": rnd, **row})
@@ -123,6 +125,7 @@ class Server:
     def _serve(self, rnd: int, selected: set[int]) -> tuple[dict[int, tuple[torch.Tensor, int]], dict]:
         """Answer ACTS and GRAD_OUT until every selected client has sent its UPDATE."""
         updates: dict[int, tuple[torch.Tensor, int]] = {}
+        self._client_bytes: dict[int, int] = {}
         active = set(selected)          # clients still in the round
         pending: list[Message] = []
         groups: dict[int, _Group] = {}
@@ -135,6 +138,8 @@ class Server:
             msg = self.transport.recv(timeout=self.cfg.comm.client_timeout,
                                       waiting_for=f"round {rnd} messages from clients {_short(missing)}")
             stat["wait"] += time.perf_counter() - t0
+            h = msg.header
+            self._client_bytes[h.client] = self._client_bytes.get(h.client, 0) + HEADER_BYTES + h.nbytes
             try:
                 kind = self._check(msg, rnd, active)
             except ProtocolError as exc:
