@@ -1,0 +1,128 @@
+"""The TOML files under configs/: they load, they say what they claim, bad keys are named."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from sfprompt_mpi.config import Config, build_config, load_toml
+from sfprompt_mpi.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ALL = sorted(CONFIGS.rglob("*.toml"))
+PAPER = sorted((CONFIGS / "paper").glob("*.toml"))
+
+
+def _load(path: Path) -> Config:
+    return build_config(load_toml(path))
+
+
+def test_the_expected_files_are_there():
+    names = {str(p.relative_to(CONFIGS)) for p in ALL}
+    expected = {"offline.toml", "cifar10_vitb.toml", "paper/cifar10_vitl_iid.toml", "paper/cifar10_vitl_dir0.1.toml"}
+    expected |= {f"paper/{ds}_{split}.toml" for ds in ("cifar10", "cifar100", "svhn", "flowers102")
+                 for split in ("iid", "dir0.1")}
+    assert expected <= names, sorted(expected - names)
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_config_loads_and_validates(path):
+    cfg = _load(path)
+    assert isinstance(cfg, Config)
+
+
+def test_offline_is_the_defaults_spelled_out():
+    # Prepare
+    raw = load_toml(CONFIGS / "offline.toml")
+    defaults = Config().to_dict()
+    # Assert: every field is written out, and each equals its default (but clients = 4).
+    for section, values in defaults.items():
+        assert set(raw.get(section, {})) == set(values), f"[{section}] must list every field"
+        for key, default in values.items():
+            want = 4 if (section, key) == ("fed", "clients") else default
+            assert raw[section][key] == want, f"{section}.{key} = {raw[section][key]!r}, default {default!r}"
+    cfg = _load(CONFIGS / "offline.toml")
+    assert (cfg.data.dataset, cfg.model.pretrained, cfg.fed.clients) == ("digits", False, 4)
+
+
+@pytest.mark.parametrize("path", PAPER + [CONFIGS / "cifar10_vitb.toml"], ids=lambda p: p.stem)
+def test_paper_settings(path):
+    cfg = _load(path)
+    dataset, split = path.stem.replace("_vitl", "").split("_") if path.parent.name == "paper" else ("cifar10", "iid")
+    large = "_vitl" in path.stem
+    assert cfg.model.name == ("vit_large_patch16_224.augreg_in21k" if large else "vit_base_patch16_224.augreg_in21k")
+    assert cfg.model.pretrained and not cfg.model.checkpoint
+    assert (cfg.model.head_blocks, cfg.model.tail_blocks, cfg.model.prompt_len) == (1, 1, 10)
+    assert cfg.data.dataset == dataset
+    if split == "iid":
+        assert cfg.data.partition == "iid"
+    else:
+        assert (cfg.data.partition, cfg.data.alpha) == ("dirichlet", 0.1)
+    assert (cfg.fed.algo, cfg.fed.clients, cfg.fed.batch_size) == ("sfprompt", 50, 128)
+    assert (cfg.fed.optimizer, cfg.fed.lr, cfg.fed.local_lr) == ("sgd", 0.1, 1e-4)
+
+
+def test_cifar10_vitb_is_the_paper_cifar10_iid():
+    assert _load(CONFIGS / "cifar10_vitb.toml") == _load(CONFIGS / "paper" / "cifar10_iid.toml")
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_model_exists_and_the_cut_fits(path):
+    # Shapes only (meta device): no weights are fetched.
+    from sfprompt_mpi.model.vit import build_backbone
+
+    cfg = _load(path)
+    vit = build_backbone(dataclasses.replace(cfg.model, pretrained=False), num_classes=10, quiet=True, meta=True)
+    assert cfg.model.head_blocks + cfg.model.tail_blocks < len(vit.blocks)
+    if cfg.model.pretrained:
+        import timm
+
+        assert cfg.model.name in timm.list_pretrained(), f"timm has no pretrained tag {cfg.model.name}"
+
+
+# --- bad files are named precisely -------------------------------------------
+
+def test_unknown_key_is_a_user_error_naming_it(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text((CONFIGS / "offline.toml").read_text().replace("[fed]\n", "[fed]\nroundz = 7\n"))
+    with pytest.raises(UserError, match=r"fed\.roundz"):
+        load_toml(path)
+
+
+def test_key_in_the_wrong_section_is_named(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[model]\nrounds = 3\n')
+    with pytest.raises(UserError, match=r"model\.rounds"):
+        load_toml(path)
+
+
+def test_unknown_section_is_named(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[training]\nrounds = 3\n')
+    with pytest.raises(UserError, match=r"training"):
+        load_toml(path)
+
+
+@pytest.mark.parametrize("line, key", [
+    ('rounds = "five"', r"fed\.rounds"),
+    ("lr = true", r"fed\.lr"),
+    ("local_loss = 1", r"fed\.local_loss"),
+])
+def test_wrong_type_is_a_user_error_naming_the_key(tmp_path, line, key):
+    name = line.split()[0]
+    text = (CONFIGS / "offline.toml").read_text()
+    start = text.index(f"\n{name} = ") + 1
+    end = text.index("\n", start)
+    path = tmp_path / "bad.toml"
+    path.write_text(text[:start] + line + text[end:])
+    with pytest.raises(UserError, match=key):
+        load_toml(path)
+
+
+def test_out_of_range_value_is_named(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[fed]\nrounds = 0\n')
+    with pytest.raises(UserError, match=r"fed\.rounds"):
+        build_config(load_toml(path))

@@ -1,0 +1,189 @@
+"""The sbatch scripts under jobs/, run through a real Slurm.
+
+A private two-node Slurm cluster (both nodes on this host, see
+tests/slurm_cluster.py) runs the scripts exactly as a user submits them,
+with only what a user would change from the command line: account and
+partition (sbatch -A/-p), the shape (fewer ranks), and the environment
+variables the scripts document (CONFIG=configs/offline.toml, EXTRA_ARGS with
+--server-device cpu). Needs root (the harness apt-installs Slurm, munge and
+shellcheck when they are missing and runs slurmd as root); it never skips.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import SlurmCluster, ensure_installed
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS = REPO / "jobs"
+SCRIPTS = sorted(JOBS.glob("*.sbatch"))
+OFFLINE = REPO / "configs" / "offline.toml"
+SITE = ["-A", "test", "-p", "debug"]  # what a user edits: account and partition
+DRY = "--dry-run --server-device cpu"
+JOB_TIMEOUT = 240  # seconds; a dry run takes ~20 s on two cores, most of it importing torch
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A running two-node Slurm cluster for this module; gone afterwards."""
+    c = SlurmCluster(nodes=2, cpus=16, gpus=1)
+    c.start()
+    print(f"\nSlurm test cluster up in {c.start_seconds:.1f} s")
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """This interpreter first on PATH, the repository importable, CONFIG offline."""
+    env = {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(REPO),
+        "PYTHON": sys.executable,
+        "CONFIG": str(OFFLINE),
+    }
+    env.update(extra)
+    return env
+
+
+def run_job(cluster: SlurmCluster, script: str, cwd: Path, args: list[str], env: dict[str, str]) -> list[str]:
+    """Submit, wait, require COMPLETED for every record (het components, array tasks).
+
+    Returns the batch outputs: one per array task; one for a het job (its
+    script runs in component 0, the other components write no file).
+    """
+    job_id = cluster.submit(JOBS / script, env=env, args=args, cwd=cwd)
+    infos = cluster.wait(job_id, timeout=JOB_TIMEOUT)
+    outputs = [cluster.job_output(i) for i in infos if i.stdout_path and i.stdout_path.is_file()]
+    for info in infos:
+        assert info.state == "COMPLETED" and info.exit_code == "0:0", (
+            f"{script} job {info.job_id}: {info.state} exit {info.exit_code}\n" + "".join(outputs))
+    assert outputs, f"{script} job {job_id} left no output file"
+    return outputs
+
+
+# --- static checks -----------------------------------------------------------
+
+def test_shellcheck_passes():
+    ensure_installed(packages=("shellcheck",), binaries=("shellcheck",))
+    assert {p.name for p in SCRIPTS} >= {"single_node.sbatch", "multi_node.sbatch", "hetjob.sbatch",
+                                         "array_sweep.sbatch"}
+    proc = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script", [p.name for p in SCRIPTS])
+def test_site_lines_are_marked(script):
+    text = (JOBS / script).read_text()
+    assert "EDIT FOR YOUR CLUSTER" in text
+    assert re.search(r"^#SBATCH --account=", text, re.M) and re.search(r"^#SBATCH --partition=", text, re.M)
+
+
+def test_array_sweep_lists_its_tasks_outside_slurm():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(JOBS / "array_sweep.sbatch")], capture_output=True, text=True,
+                          env=env, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "120 tasks: sbatch --array=0-119" in proc.stdout
+    array_line = re.search(r"^#SBATCH --array=0-(\d+)", (JOBS / "array_sweep.sbatch").read_text(), re.M)
+    assert array_line and int(array_line.group(1)) == 119, "the #SBATCH --array range must match the sweep"
+
+
+# --- the scripts as written are accepted by Slurm ----------------------------
+
+@pytest.mark.parametrize("script", [p.name for p in SCRIPTS])
+def test_default_shape_is_accepted(cluster, tmp_path, script):
+    # Prepare: a 2 x 16-CPU cluster, each node with one GPU. Execute: sbatch --test-only.
+    answer = cluster.test_only(JOBS / script, env=job_env(), args=SITE, cwd=tmp_path)
+    # Assert: Slurm would start it (no conflicting options, a shape that fits).
+    assert "to start at" in answer
+
+
+# --- every script's command passes --dry-run under the real Slurm ------------
+
+DRY_RUNS = {
+    "single_node": (["--ntasks=3"], {}),
+    "single_node-mpiexec": (["--ntasks=3"], {"LAUNCHER": "mpiexec"}),
+    "multi_node": (["--nodes=2", "--ntasks-per-node=2"], {}),
+    # sbatch options before ':' go to every component, after it to component 1 only.
+    "hetjob": ([":", *SITE, "--ntasks-per-node=2"], {"EXTRA_ARGS": f"{DRY} --clients 6"}),
+    # Tasks 1 and 2 of (iid, dir0.1) x (sfprompt, sfl-linear): both split kinds, both methods.
+    "array_sweep": (["--array=1-2", "--ntasks=2"],
+                    {"DATASETS": "digits", "SPLITS": "iid dir0.1", "ALGOS": "sfprompt sfl-linear", "SEEDS": "3"}),
+}
+
+
+@pytest.mark.parametrize("case", list(DRY_RUNS))
+def test_dry_run_through_slurm(cluster, tmp_path, case):
+    # Prepare
+    script = case.split("-")[0] + ".sbatch"
+    args, extra_env = DRY_RUNS[case]
+    env = job_env(**{"EXTRA_ARGS": DRY, **extra_env})
+    # Execute
+    outputs = run_job(cluster, script, tmp_path, [*SITE, *args], env)
+    # Assert: rank 0 printed the plan for the whole world, and the script its analyze line.
+    for out in outputs:
+        assert "dry run: config and world size are valid" in out, out
+        assert "python -m sfprompt_mpi.analyze" in out, out
+    if case == "array_sweep":
+        assert len(outputs) == 2
+        text = "".join(outputs)
+        for needle in ("--dataset digits --partition iid --algo sfl-linear --seed 3",
+                       "--partition dirichlet --alpha 0.1 --algo sfprompt --seed 3",
+                       "/1-digits_iid-sfl-linear-seed3", "/2-digits_dir0.1-sfprompt-seed3"):
+            assert needle in text, text
+        assert "on digits" in text and "dirichlet" in text
+
+
+def test_srun_without_pmi_fails_with_one_line(cluster, tmp_path):
+    # Prepare: srun --mpi=none starts the ranks with no process manager to join them.
+    env = job_env(EXTRA_ARGS=DRY, SRUN_MPI="none")
+    # Execute
+    job_id = cluster.submit(JOBS / "single_node.sbatch", env=env, args=[*SITE, "--ntasks=2"], cwd=tmp_path)
+    (info,) = cluster.wait(job_id, timeout=JOB_TIMEOUT)
+    output = cluster.job_output(info)
+    # Assert: a clear refusal and a failed job, not two independent one-rank runs.
+    assert info.state == "FAILED", output
+    assert "no MPI process manager is visible" in output, output
+    assert "dry run: config and world size are valid" not in output, output
+
+
+# --- a real (tiny) training run ----------------------------------------------
+
+def test_single_node_trains_and_writes_run_dir(cluster, tmp_path):
+    # Prepare: 1 server + 2 client ranks, server on CPU, one short round.
+    env = job_env(EXTRA_ARGS="--server-device cpu --rounds 1 --max-train-samples 200 --max-test-samples 100")
+    t0 = time.monotonic()
+    # Execute
+    (output,) = run_job(cluster, "single_node.sbatch", tmp_path, [*SITE, "--ntasks=3"], env)
+    elapsed = time.monotonic() - t0
+    # Assert: the run directory is named after the job and holds everything the contract names.
+    job_id = re.search(r"job (\d+) finished with exit status 0", output)
+    assert job_id, output
+    run_dir = tmp_path / "runs" / job_id.group(1)
+    assert (run_dir / "config.toml").is_file()
+    assert (run_dir / "run.h5").is_file()
+    for rank in range(3):
+        assert (run_dir / "metrics" / f"rank{rank:05d}.h5").is_file(), sorted(run_dir.rglob("*"))
+    assert not (run_dir / "metrics" / "rank00003.h5").exists()
+    assert (run_dir / "checkpoint" / "global.safetensors").is_file()
+    assert (run_dir / "checkpoint" / "state.json").is_file()
+    print(f"single_node job: {elapsed:.1f} s")
+
+    # The analyze command the script printed works as printed.
+    line = next(ln for ln in output.splitlines() if "python -m sfprompt_mpi.analyze" in ln)
+    cmd = shlex.split(line.split(":", 1)[1])
+    cmd[0] = sys.executable
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
