@@ -1,0 +1,87 @@
+"""Launching ``python -m sfprompt_mpi.run`` for tests: bounded, with the output kept.
+
+Imported by ``tests/test_mpi_run.py`` (through importlib, like
+``transport_conformance.py``), and run as a script for one reference run that
+a flag cannot express:
+
+    python tests/mpi/run_helpers.py --without ROUND:CLIENT [sfprompt_mpi.run flags...]
+
+runs the single-process reference run with client CLIENT left out of the
+selection of round ROUND, i.e. what an MPI run in which the server rejected
+that client in that round should equal.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+LAUNCH_TIMEOUT_S = 240
+
+
+@dataclass
+class Launch:
+    """One finished launch: the command, its exit code, stdout+stderr, and its wall time."""
+
+    cmd: list[str]
+    returncode: int
+    output: str
+    wall_s: float
+
+    def report(self) -> str:
+        """The command, exit code and output, for assertion messages."""
+        return f"$ {' '.join(self.cmd)}\nexit code {self.returncode} after {self.wall_s:.1f} s\n{self.output}"
+
+
+def launch(args: list[str], *, ranks: int | None = None, script: list[str] | None = None,
+           timeout: float = LAUNCH_TIMEOUT_S) -> Launch:
+    """``[mpiexec -n ranks] python -m sfprompt_mpi.run args`` (or ``python script args``), bounded.
+
+    The child gets its own session, so on timeout the whole process group
+    (mpiexec, its proxy and every rank) is killed and AssertionError carries
+    the output so far: a hang fails the test instead of stalling the suite.
+    """
+    entry = script if script is not None else ["-m", "sfprompt_mpi.run"]
+    cmd = [sys.executable, *entry, *args]
+    if ranks is not None:
+        cmd = [str(MPIEXEC), "-n", str(ranks), *cmd]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} still running after {timeout:.0f} s (killed); "
+                             f"output so far:\n{out}") from None
+    return Launch(cmd, proc.returncode, out, time.perf_counter() - t0)
+
+
+def _run_without(round_client: str, argv: list[str]) -> int:
+    """The reference run with one client dropped from one round's selection."""
+    import sfprompt_mpi.fed.server as server
+    from sfprompt_mpi.run import main
+
+    rnd, cid = (int(x) for x in round_client.split(":"))
+    select = server.select_clients
+
+    def select_without(num_clients: int, fraction: float, seed: int, r: int) -> list[int]:
+        return [c for c in select(num_clients, fraction, seed, r) if (r, c) != (rnd, cid)]
+
+    server.select_clients = select_without
+    return main(argv)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] != "--without":
+        sys.exit(__doc__)
+    sys.exit(_run_without(sys.argv[2], sys.argv[3:]))

@@ -1,0 +1,170 @@
+"""The whole job under a real ``mpiexec``: MPI run equals the reference run.
+
+Every run here is ``python -m sfprompt_mpi.run`` exactly as a user starts it
+(``mpiexec -n W`` from the venv's MPICH, or no launcher for the
+single-process reference run), on the offline default (digits,
+vit_micro_patch8_32), two rounds, one torch thread per rank. Runs are
+launched once per module and shared between tests; every launch is bounded
+and kills its process group on timeout (``tests/mpi/run_helpers.py``).
+
+Final global parameters are compared through ``checkpoint/global.safetensors``:
+
+- 3 ranks x 4 virtual clients equals the reference run bitwise (batching off);
+- the gloo transport equals the MPI transport bitwise;
+- server batching on (5 ranks, 4 clients, ``--server-batch 4``) stays within
+  rtol 1e-5 of batching off, and the test checks that passes were batched;
+- a client's wrong-shape activation is rejected with a clear line, the run
+  completes, and the result equals the reference run without that client in
+  that round, bitwise;
+- a user error prints one ``error:`` line and exits 2; a crash on a client
+  rank ends the whole job with its error, no hang.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sfprompt_mpi.config import parse_config
+from sfprompt_mpi.fed.state import Layout, trainable_names
+from sfprompt_mpi.metrics.h5 import read_events, read_metrics
+from sfprompt_mpi.model.split import build_model
+
+_spec = importlib.util.spec_from_file_location("run_helpers", Path(__file__).parent / "mpi" / "run_helpers.py")
+helpers = sys.modules.setdefault("run_helpers", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(helpers)
+
+COMMON = ["--clients", "4", "--rounds", "2", "--max-train-samples", "240", "--max-test-samples", "100",
+          "--threads", "1", "--batch-size", "16", "--seed", "3"]
+OFF = ["--server-batch", "1"]
+DIGITS_CLASSES = 10
+WRONG_SHAPE = "wrong-shape@rank:2,round:1"   # rank 2 hosts clients 2 and 3 of 4; client 2 is hit
+
+# name -> (ranks or None for no launcher, flags, script or None for -m sfprompt_mpi.run)
+RUNS = {
+    "reference": (None, COMMON + OFF, None),
+    "mpi": (3, COMMON + OFF, None),
+    "gloo": (3, COMMON + OFF + ["--transport", "gloo"], None),
+    "batched": (5, COMMON + ["--server-batch", "4"], None),
+    "wrong_shape": (3, COMMON + OFF + ["--inject-fault", WRONG_SHAPE], None),
+    "without_client2_round1": (None, COMMON + OFF, [str(Path(helpers.__file__)), "--without", "1:2"]),
+}
+
+
+class _Runs:
+    """Each named run launched at most once per module, on first use."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.done: dict[str, tuple[Path, "helpers.Launch"]] = {}
+
+    def get(self, name: str) -> tuple[Path, "helpers.Launch"]:
+        if name not in self.done:
+            ranks, flags, script = RUNS[name]
+            run_dir = self.base / name
+            result = helpers.launch([*flags, "--run-dir", str(run_dir)], ranks=ranks, script=script)
+            assert result.returncode == 0, result.report()
+            self.done[name] = (run_dir, result)
+        return self.done[name]
+
+    def params(self, name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.get(name)[0] / "checkpoint" / "global.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> _Runs:
+    return _Runs(tmp_path_factory.mktemp("mpi_run"))
+
+
+def _initial_params() -> dict[str, torch.Tensor]:
+    cfg = parse_config(COMMON)
+    model = build_model(cfg.model, DIGITS_CLASSES, cfg.run.seed, quiet=True)
+    return Layout(model, trainable_names(model, cfg)).read(model)
+
+
+def _assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    assert sorted(a) == sorted(b), f"{what}: different tensor names"
+    differ = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if not torch.equal(a[k], b[k])}
+    assert not differ, f"{what}: {len(differ)} of {len(a)} tensors differ (max abs diff {differ})"
+
+
+def _series(run_dir: Path, key: str, rank: int = 0) -> np.ndarray:
+    return read_metrics(run_dir / "metrics" / f"rank{rank:05d}.h5")[key][1]
+
+
+# ------------------------------------------------------------ equal results
+
+
+def test_mpi_run_equals_reference_run_bitwise(runs):
+    reference, mpi = runs.params("reference"), runs.params("mpi")
+    initial = _initial_params()
+
+    _assert_bitwise(mpi, reference, "3 ranks x 4 clients vs the reference run")
+    assert any(not torch.equal(reference[k], initial[k]) for k in initial), "training left the parameters unchanged"
+    run_dir = runs.get("mpi")[0]
+    assert all((run_dir / "metrics" / f"rank{r:05d}.h5").is_file() for r in range(3))
+    np.testing.assert_array_equal(_series(run_dir, "test_acc"), _series(runs.get("reference")[0], "test_acc"))
+
+
+def test_gloo_transport_equals_mpi_transport_bitwise(runs):
+    gloo, mpi = runs.params("gloo"), runs.params("mpi")
+
+    _assert_bitwise(gloo, mpi, "--transport gloo vs mpi")
+
+
+def test_server_batching_matches_unbatched_within_1e_5(runs):
+    batched, unbatched = runs.params("batched"), runs.params("reference")
+    passes_on = _series(runs.get("batched")[0], "body_passes").sum()
+    passes_off = _series(runs.get("reference")[0], "body_passes").sum()
+
+    # Fewer body passes for the same samples: some pass held several clients' activations.
+    assert passes_on < passes_off, f"no body pass was batched ({passes_on} vs {passes_off}); the test is vacuous"
+    for name in unbatched:
+        torch.testing.assert_close(batched[name], unbatched[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------- faults
+
+
+def test_wrong_shape_activation_is_rejected_and_the_round_goes_on_without_it(runs):
+    run_dir, result = runs.get("wrong_shape")
+    faulty, without, full = runs.params("wrong_shape"), runs.params("without_client2_round1"), runs.params("reference")
+
+    line = re.search(r"^\[r00\] round 1: rejected acts\(round=1, client=2, step=0, float32\[16x(\d+)x64\]\) "
+                     r"from rank 2: expected shape \(B, (\d+), 64\)$", result.output, re.M)
+    assert line is not None and int(line[1]) != int(line[2]), result.report()
+    assert all(bool(torch.isfinite(t).all()) for t in faulty.values())
+    _assert_bitwise(faulty, without, "wrong-shape run vs the reference run without client 2 in round 1")
+    assert any(not torch.equal(faulty[k], full[k]) for k in full), "client 2's round 1 made no difference"
+    events = read_events(run_dir / "metrics" / "rank00000.h5")
+    assert [(rnd, kind) for rnd, kind, _ in events] == [(1, "rejected")]
+    assert "expected shape (B, " in events[0][2]
+
+
+def test_user_error_prints_one_line_once_and_exits_2(tmp_path):
+    run_dir = tmp_path / "never"
+
+    result = helpers.launch([*COMMON, "--clients", "1", "--run-dir", str(run_dir)], ranks=3)
+
+    assert result.returncode == 2, result.report()
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert errors == ["error: --clients 1 is smaller than the 2 client ranks; use --clients >= 2 or launch "
+                      "with -n 2"], result.report()
+    assert "Traceback" not in result.output, result.report()
+    assert not run_dir.exists()
+
+
+def test_crash_on_a_client_rank_ends_the_whole_job(tmp_path):
+    result = helpers.launch([*COMMON, "--run-dir", str(tmp_path / "crash"), "--inject-fault", "crash@rank:1,round:1"],
+                            ranks=3, timeout=120)
+
+    assert result.returncode != 0, result.report()
+    assert "[r01] failed: RuntimeError: injected crash (--inject-fault)" in result.output, result.report()
+    assert result.wall_s < 90, result.report()
