@@ -38,6 +38,9 @@ from .run import World, client_hosts, set_threads, setup_logging
 
 log = logging.getLogger("sfprompt_mpi")
 
+#: Algorithms this runtime runs; the other names in config.ALGOS are refused, never silently replaced.
+IMPLEMENTED_ALGOS = ("sfprompt",)
+
 
 def _agree(world: World, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on every rank; if it raised UserError anywhere, raise it everywhere."""
@@ -83,6 +86,9 @@ def _new_run_dir(cfg: Config) -> Path:
 def _rank0_checks(cfg: Config, world: World) -> dict:
     """Checks that touch the file system once: weights, dataset files, run dir, checkpoint."""
     n = num_clients(cfg, world)
+    if cfg.fed.algo not in IMPLEMENTED_ALGOS:
+        raise UserError(f"--algo {cfg.fed.algo} is not implemented in this version "
+                        f"(available: {', '.join(IMPLEMENTED_ALGOS)})")
     meta_vit = build_backbone(cfg.model, num_classes=2, meta=True)
     depth = len(meta_vit.blocks)
     if cfg.model.head_blocks + cfg.model.tail_blocks >= depth:

@@ -36,6 +36,7 @@ def _fails_with_one_line(capsys, argv: list[str], needle: str) -> str:
     (["--rounds", "many"], "invalid int value"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "pass --download"),
     (["--config", "/nonexistent.toml"], "does not exist"),
+    (["--algo", "fl-full"], "not implemented"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, tmp_path, argv: list[str], needle: str) -> None:
     run_dir = tmp_path / "run"
