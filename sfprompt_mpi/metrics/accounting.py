@@ -1,21 +1,31 @@
-"""Communication accounting: the bytes a round must move, from the config alone.
+"""Cost accounting from the config alone: the bytes a round moves and the FLOPs it costs.
 
-The counts mirror the wire exactly (every message is a header of
-``HEADER_BYTES`` plus its payload), so for a finished run the estimate equals
-what the transports counted. Shape legend: B batch, N tokens, D width,
-F flat trainable parameters.
+Bytes mirror the wire exactly (every message is a header of ``HEADER_BYTES``
+plus its payload), so for a finished run the estimate equals what the
+transports counted. FLOPs are counted by ``torch.utils.flop_counter`` on the
+real head, body and tail modules built on the meta device (shapes only), so
+they follow any timm VisionTransformer and any cut; like every FLOP counter
+it counts matrix products, convolutions and attention (2 FLOPs per
+multiply-add) and ignores element-wise work (norms, softmax, GELU). Shape legend: B batch,
+N tokens, D width, F flat trainable parameters, K classes.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..comm.protocol import HEADER_BYTES
 from ..config import Config
 from ..fed.pruning import keep_count
 
 WIRE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FLOAT32_BYTES = 4  # parameter vectors always travel as float32
 
 
 def batch_sizes(n: int, batch_size: int) -> list[int]:
@@ -23,22 +33,29 @@ def batch_sizes(n: int, batch_size: int) -> list[int]:
     return [min(batch_size, n - s) for s in range(0, n, batch_size)]
 
 
+def kept_count(shard: int, cfg: Config) -> int:
+    """Samples of a ``shard``-sample client that EL2N pruning keeps for split training."""
+    return keep_count(shard, cfg.fed.keep_ratio) if cfg.fed.keep_ratio < 1 else shard
+
+
 def client_round_bytes(shard: int, cfg: Config, *, tokens: int, width: int, flat: int,
                        need_grad: bool) -> dict[str, dict[str, int]]:
     """Bytes one SFPrompt client sends ('up') and receives ('down') in one round, per message kind.
 
     ``shard`` is the client's local sample count, ``flat`` the trainable vector length F.
-    START (shared by the clients of one host) is counted by :func:`round_bytes`.
+    START (shared by the clients of one host) is counted by :func:`round_bytes`. Kinds that
+    carry no message this round are absent, as in the measured counts.
     """
     wire = WIRE_BYTES[cfg.comm.wire_dtype]
-    kept = keep_count(shard, cfg.fed.keep_ratio) if cfg.fed.keep_ratio < 1 else shard
+    kept = kept_count(shard, cfg)
     batches = batch_sizes(kept, cfg.fed.batch_size) * cfg.fed.split_epochs
     act = sum(HEADER_BYTES + b * tokens * width * wire for b in batches)
-    up = {"acts": act, "update": HEADER_BYTES + 4 * flat}
-    down = {"params": HEADER_BYTES + 4 * flat, "body_out": act}
-    if need_grad:
-        up["grad_out"] = act
-        down["grad_acts"] = act
+    up = {"update": HEADER_BYTES + FLOAT32_BYTES * flat}
+    down = {"params": HEADER_BYTES + FLOAT32_BYTES * flat}
+    if batches:
+        up["acts"] = down["body_out"] = act
+        if need_grad:
+            up["grad_out"] = down["grad_acts"] = act
     return {"up": up, "down": down}
 
 
@@ -62,28 +79,154 @@ def round_bytes(shards: dict[int, int], hosts: dict[int, list[int]], selected: I
     return {"up": up, "down": down}
 
 
-def describe_plan(cfg: Config, hosts: dict[int, list[int]], world_size: int, threads: int) -> str:
-    """The --dry-run report: split, parameter counts, placement, samples and bytes per round."""
-    from ..data.datasets import check_dataset_files
-    from ..fed.state import Layout, trainable_names
-    from ..model.split import PromptedViT
-    from ..model.vit import build_backbone
-    import torch
+def fedavg_client_round_bytes(numel: int) -> dict[str, dict[str, int]]:
+    """Bytes one FedAvg client moves in one round when it downloads and uploads ``numel``
+    float32 parameters, as this runtime's wire would carry them (PARAMS down, UPDATE up)."""
+    one = HEADER_BYTES + FLOAT32_BYTES * numel
+    return {"up": {"update": one}, "down": {"params": one}}
 
-    n_train, classes = check_dataset_files(cfg.data)
+
+def build_meta_model(cfg: Config, num_classes: int):
+    """-> (PromptedViT on the meta device with exactly the run's parameters trainable, its Layout)."""
+    from ..fed.state import Layout, trainable_names
+    from ..model.split import PromptedViT, freeze_except
+    from ..model.vit import build_backbone
+
     with torch.device("meta"):
-        vit = build_backbone(cfg.model, classes, meta=True)
+        vit = build_backbone(cfg.model, num_classes, meta=True)
         model = PromptedViT(vit, cfg.model.head_blocks, cfg.model.tail_blocks, cfg.model.prompt_len,
                             cfg.model.prompt_depth)
     layout = Layout(model, trainable_names(model, cfg))
+    freeze_except(model, set(layout.names))
+    return model, layout
+
+
+def needs_grad(cfg: Config) -> bool:
+    """Whether split training sends gradients back (GRAD_OUT, GRAD_ACTS): something before the cut trains."""
+    return cfg.model.prompt_len > 0 or cfg.model.train_head
+
+
+def part_sizes(model) -> dict[str, int]:
+    """Parameter count of the 'head', 'body' and 'tail' of a PromptedViT."""
     params = dict(model.named_parameters())
-    count = {part: sum(math.prod(params[n].shape) for n in model.names_in(part)) for part in ("head", "body", "tail")}
+    return {part: sum(math.prod(params[n].shape) for n in model.names_in(part)) for part in ("head", "body", "tail")}
+
+
+@dataclass(frozen=True)
+class PassFlops:
+    """FLOPs per sample of each pass a round runs; ``bwd`` is what autograd actually computes
+    (a frozen part only propagates input gradients, a trainable one also weight gradients).
+
+    ``local`` is head straight into tail (local-loss update and EL2N scoring); ``full`` is the
+    whole backbone with every parameter trainable (FedAvg full fine-tuning).
+    """
+
+    head_fwd: int
+    head_bwd: int
+    body_fwd: int
+    body_bwd: int
+    tail_fwd: int
+    tail_bwd: int
+    local_fwd: int
+    local_bwd: int
+    full_fwd: int
+    full_bwd: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class _Meter:
+    """``with meter("name"): ...`` adds the FLOPs counted inside to ``meter.counts["name"]``."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, name: str):
+        from contextlib import contextmanager
+        from torch.utils.flop_counter import FlopCounterMode
+
+        @contextmanager
+        def scope():
+            with FlopCounterMode(display=False) as counter:
+                yield
+            self.counts[name] = self.counts.get(name, 0) + counter.get_total_flops()
+        return scope()
+
+
+def count_pass_flops(model, full: nn.Module, *, batch: int = 2) -> PassFlops:
+    """FLOPs per sample of every pass, counted on the real modules (meta or real device).
+
+    ``model`` is a PromptedViT whose trainable parameters are set as in a run; ``full`` is the
+    backbone for FedAvg full fine-tuning. The split step is run as the client and server run
+    it: head -> body (input gradients only) -> tail and loss -> backward to the body output ->
+    body backward -> head backward. FLOPs are linear in the batch, so ``batch`` only has to be >= 1.
+    """
+    device = next(model.parameters()).device
+    size = model.vit.patch_embed.img_size
+    images_BCHW = torch.zeros(batch, 3, *size, device=device)
+    labels_B = torch.zeros(batch, dtype=torch.long, device=device)
+    m = _Meter()
+    with m("head_fwd"):
+        acts_BND = model.head(images_BCHW)
+    need_grad = acts_BND.requires_grad
+    leaf_BND = acts_BND.detach().requires_grad_(need_grad)
+    with m("body_fwd"), torch.set_grad_enabled(need_grad):
+        out_BND = model.body(leaf_BND)
+    if need_grad:
+        with m("body_bwd"):
+            (g_BND,) = torch.autograd.grad(out_BND, leaf_BND, torch.ones_like(out_BND))
+    body_BND = out_BND.detach().requires_grad_(True)  # the client's copy of the body output
+    with m("tail_fwd"):
+        loss = F.cross_entropy(model.tail(body_BND), labels_B)
+    with m("tail_bwd"):
+        loss.backward()
+    if need_grad:
+        with m("head_bwd"):
+            acts_BND.backward(g_BND)
+    for name, net in (("local", model.local_forward), ("full", full)):
+        with m(f"{name}_fwd"):
+            loss = F.cross_entropy(net(images_BCHW), labels_B)
+        if loss.requires_grad:
+            with m(f"{name}_bwd"):
+                loss.backward()
+    fields = PassFlops.__dataclass_fields__
+    return PassFlops(**{k: m.counts.get(k, 0) // batch for k in fields})
+
+
+def client_round_flops(shard: int, cfg: Config, f: PassFlops) -> dict[str, int]:
+    """FLOPs one SFPrompt client of ``shard`` samples spends in one round, per phase:
+    'local' (local-loss epochs, fwd+bwd head->tail over all samples), 'el2n' (scoring, fwd over
+    all samples; none when keep_ratio is 1) and 'split' (head and tail fwd+bwd over the kept ones)."""
+    fed = cfg.fed
+    local = fed.local_epochs * shard * (f.local_fwd + f.local_bwd) if fed.local_loss else 0
+    el2n = shard * f.local_fwd if fed.keep_ratio < 1 else 0
+    split = fed.split_epochs * kept_count(shard, cfg) * (f.head_fwd + f.head_bwd + f.tail_fwd + f.tail_bwd)
+    return {"local": local, "el2n": el2n, "split": split}
+
+
+def server_round_flops(shard: int, cfg: Config, f: PassFlops) -> int:
+    """FLOPs the server spends on one such client in one round: body fwd (+bwd) over its kept samples."""
+    return cfg.fed.split_epochs * kept_count(shard, cfg) * (f.body_fwd + f.body_bwd)
+
+
+def fedavg_client_round_flops(shard: int, epochs: int, f: PassFlops) -> int:
+    """FLOPs one FedAvg full fine-tuning client spends in one round: full fwd+bwd, ``epochs`` epochs."""
+    return epochs * shard * (f.full_fwd + f.full_bwd)
+
+
+def describe_plan(cfg: Config, hosts: dict[int, list[int]], world_size: int, threads: int) -> str:
+    """The --dry-run report: split, parameter counts, placement, samples and bytes per round."""
+    from ..data.datasets import check_dataset_files
+
+    n_train, classes = check_dataset_files(cfg.data)
+    model, layout = build_meta_model(cfg, classes)
+    count = part_sizes(model)
     n_clients = sum(len(c) for c in hosts.values())
     per_client = n_train // n_clients
     k = max(1, round(cfg.fed.fraction * n_clients))
-    need_grad = cfg.model.prompt_len > 0 or cfg.model.train_head
     one = client_round_bytes(per_client, cfg, tokens=model.tokens, width=model.width, flat=layout.numel,
-                             need_grad=need_grad)
+                             need_grad=needs_grad(cfg))
     up, down = sum(one["up"].values()), sum(one["down"].values())
     spread = sorted({len(c) for c in hosts.values()})
     lines = [

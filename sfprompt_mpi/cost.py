@@ -1,0 +1,233 @@
+"""Estimated cost of one round: SFPrompt against FedAvg full fine-tuning.
+
+    python -m sfprompt_mpi.cost                                   # the default (small) model
+    python -m sfprompt_mpi.cost --config configs/cifar10_vitb.toml --samples-per-client 1000
+    python -m sfprompt_mpi.cost --model vit_large_patch16_224 --clients 50 --batch-size 128 \\
+        --prompt-len 10 --keep-ratio 0.5 --samples-per-client 1000 --json cost.json
+
+Takes every flag of ``python -m sfprompt_mpi.run`` (and ``--config``). Needs no
+dataset files, no weights and no MPI: the model is built on the meta device.
+
+Communication: bytes per client per round, per message kind, exactly as the
+wire carries them (:mod:`sfprompt_mpi.metrics.accounting`, which a test holds
+equal to what real runs measured). FedAvg full fine-tuning is priced on the
+same wire: every selected client downloads and uploads all backbone
+parameters as float32, one header each way. START messages (one header plus
+8 bytes per client, per client rank) are left out of both.
+
+Compute: FLOPs per sample of every pass, counted by torch's FlopCounterMode on
+the real head, body and tail (matrix products only, 2 per multiply-add), then
+multiplied out for one client's round: SFPrompt's local-loss epochs, EL2N
+scoring and split epochs on the client and the body on the server; FedAvg's
+full forward and backward for ``--fedavg-epochs`` epochs over all samples.
+The configured algorithm (``--algo``) is not used: the comparison is always
+SFPrompt as configured against FedAvg full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import FIELDS, Config, build_config, build_parser, load_toml
+from .errors import EXIT_USER_ERROR, UserError
+
+#: Clients when ``--clients`` is 0, as in a single-process run.
+DEFAULT_CLIENTS = 4
+MB = 1e6
+
+
+def build_cost_parser() -> argparse.ArgumentParser:
+    """The run's parser plus this tool's own flags."""
+    parser = build_parser()
+    parser.prog = "python -m sfprompt_mpi.cost"
+    parser.description = ("Estimate communication and compute per round of SFPrompt and of FedAvg full "
+                          "fine-tuning for a model and config (no data, weights or MPI needed).")
+    group = parser.add_argument_group("cost")
+    group.add_argument("--samples-per-client", type=int, default=0,
+                       help="local samples per client (default 0: the dataset's training set size / clients)")
+    group.add_argument("--fedavg-epochs", type=int, default=0,
+                       help="local epochs of FedAvg full fine-tuning per round (default 0: --local-epochs, at least 1)")
+    group.add_argument("--json", default="", metavar="OUT", help="also write the numbers as JSON to OUT ('-': stdout)")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
+    """Defaults < --config FILE < flags, as for the run; -> (config, this tool's own arguments)."""
+    parser = build_cost_parser()
+    parser.error = _parser_error  # type: ignore[method-assign]
+    args = parser.parse_args(argv)
+    values: dict[str, dict[str, Any]] = load_toml(args.config) if args.config else {}
+    for name, (section, _) in FIELDS.items():
+        if getattr(args, name) is not None:
+            values.setdefault(section, {})[name] = getattr(args, name)
+    cfg = build_config(values)
+    if args.samples_per_client < 0:
+        raise UserError(f"--samples-per-client must be >= 0, got {args.samples_per_client}")
+    if args.fedavg_epochs < 0:
+        raise UserError(f"--fedavg-epochs must be >= 0, got {args.fedavg_epochs}")
+    return cfg, args
+
+
+def _parser_error(message: str) -> None:
+    raise UserError(f"bad command line: {message}")
+
+
+def nominal_dataset(cfg: Config) -> tuple[int, int]:
+    """(training samples, classes) of the configured dataset without reading its files."""
+    from .data import datasets
+
+    name = cfg.data.dataset
+    if name in datasets.NOMINAL_TRAIN_SIZES:
+        n = datasets.NOMINAL_TRAIN_SIZES[name]
+        classes = datasets._FILE_DATASETS[name].num_classes  # the one table of class counts
+        return (min(n, cfg.data.max_train_samples) if cfg.data.max_train_samples else n), classes
+    return datasets.check_dataset_files(cfg.data)  # offline datasets: no files to miss
+
+
+def estimate(cfg: Config, samples_per_client: int = 0, fedavg_epochs: int = 0) -> dict[str, Any]:
+    """All the numbers, as a JSON-ready dict (bytes and FLOPs are integers)."""
+    from .metrics import accounting as acc
+    from .model.vit import build_backbone
+
+    n_train, classes = nominal_dataset(cfg)
+    clients = cfg.fed.clients or DEFAULT_CLIENTS
+    shard = samples_per_client or n_train // clients
+    if shard < 1:
+        raise UserError(f"{clients} clients share {n_train} training samples: none per client; "
+                        "lower --clients or pass --samples-per-client")
+    selected = max(1, round(cfg.fed.fraction * clients))
+    epochs = fedavg_epochs or max(1, cfg.fed.local_epochs)
+
+    model, layout = acc.build_meta_model(cfg, classes)
+    full = build_backbone(cfg.model, classes, meta=True)
+    full_numel = sum(p.numel() for p in full.parameters())
+    f = acc.count_pass_flops(model, full)
+
+    sfp_bytes = acc.client_round_bytes(shard, cfg, tokens=model.tokens, width=model.width, flat=layout.numel,
+                                       need_grad=acc.needs_grad(cfg))
+    fl_bytes = acc.fedavg_client_round_bytes(full_numel)
+    sfp_total = sum(sfp_bytes["up"].values()) + sum(sfp_bytes["down"].values())
+    fl_total = sum(fl_bytes["up"].values()) + sum(fl_bytes["down"].values())
+
+    client = acc.client_round_flops(shard, cfg, f)
+    client_total = sum(client.values())
+    fl_client = acc.fedavg_client_round_flops(shard, epochs, f)
+    server = acc.server_round_flops(shard, cfg, f)
+    return {
+        "model": cfg.model.name,
+        "dataset": cfg.data.dataset,
+        "depth": model.depth,
+        "tokens": model.tokens,
+        "width": model.width,
+        "wire_dtype": cfg.comm.wire_dtype,
+        "split": {"head_blocks": cfg.model.head_blocks, "tail_blocks": cfg.model.tail_blocks,
+                  "body_blocks": model.depth - cfg.model.head_blocks - cfg.model.tail_blocks,
+                  "prompt_len": cfg.model.prompt_len, "prompt_depth": cfg.model.prompt_depth,
+                  "train_head": cfg.model.train_head},
+        "params": {**acc.part_sizes(model), "sfprompt_exchanged": layout.numel, "fedavg_exchanged": full_numel},
+        "clients": clients,
+        "selected_per_round": selected,
+        "samples_per_client": shard,
+        "kept_per_client": acc.kept_count(shard, cfg),
+        "batch_size": cfg.fed.batch_size,
+        "epochs": {"local": cfg.fed.local_epochs if cfg.fed.local_loss else 0, "split": cfg.fed.split_epochs,
+                   "fedavg": epochs},
+        "bytes_per_client_round": {
+            "sfprompt": {**sfp_bytes, "total": sfp_total},
+            "fedavg_full": {**fl_bytes, "total": fl_total},
+        },
+        "bytes_per_round": {"sfprompt": selected * sfp_total, "fedavg_full": selected * fl_total},
+        "comm_ratio": sfp_total / fl_total,
+        "flops_per_sample_pass": f.as_dict(),
+        "flops_per_client_round": {
+            "sfprompt_client": {**client, "total": client_total},
+            "sfprompt_server": server,
+            "fedavg_full_client": fl_client,
+        },
+        "client_flops_per_sample": {"sfprompt": client_total / shard, "fedavg_full": fl_client / shard},
+        "server_flops_per_sample": server / shard,
+        "client_compute_percent": 100.0 * client_total / fl_client,
+    }
+
+
+def render(r: dict[str, Any]) -> str:
+    """The human-readable report of :func:`estimate`'s numbers."""
+    s, p, b = r["split"], r["params"], r["bytes_per_client_round"]
+    sfp, fl = b["sfprompt"], b["fedavg_full"]
+    fp, fr = r["flops_per_sample_pass"], r["flops_per_client_round"]
+    g = 1e9
+    lines = [
+        f"cost per round: SFPrompt vs FedAvg full fine-tuning, {r['model']} "
+        f"(depth {r['depth']}, {r['tokens']} tokens x {r['width']} on the wire as {r['wire_dtype']})",
+        f"  split      head {s['head_blocks']} block(s) + {s['prompt_len']} {s['prompt_depth']} prompts | "
+        f"body {s['body_blocks']} block(s) on the server | tail {s['tail_blocks']} block(s) + norm + classifier",
+        f"  parameters head {p['head'] / 1e6:.3f}M, body {p['body'] / 1e6:.3f}M, tail {p['tail'] / 1e6:.3f}M; "
+        f"exchanged: SFPrompt {p['sfprompt_exchanged'] / 1e6:.3f}M, FedAvg full {p['fedavg_exchanged'] / 1e6:.3f}M",
+        f"  clients    {r['clients']} ({r['selected_per_round']} per round), {r['samples_per_client']} samples each, "
+        f"{r['kept_per_client']} kept for split training, batch {r['batch_size']}; epochs per round: "
+        f"local-loss {r['epochs']['local']}, split {r['epochs']['split']}, FedAvg {r['epochs']['fedavg']}",
+        "",
+        "communication per client per round (MB = 1e6 bytes, headers included)",
+        f"  {'kind':<10} {'SFPrompt up':>13} {'SFPrompt down':>14} {'FedAvg up':>11} {'FedAvg down':>12}",
+    ]
+    kinds = ["params", "update", "acts", "body_out", "grad_out", "grad_acts"]
+    for kind in kinds:
+        cells = [sfp["up"].get(kind), sfp["down"].get(kind), fl["up"].get(kind), fl["down"].get(kind)]
+        if any(c is not None for c in cells):
+            lines.append(f"  {kind:<10} " + " ".join(f"{_mb(c):>{w}}" for c, w in zip(cells, (13, 14, 11, 12))))
+    totals = [sum(sfp["up"].values()), sum(sfp["down"].values()), sum(fl["up"].values()), sum(fl["down"].values())]
+    lines.append(f"  {'total':<10} " + " ".join(f"{_mb(c):>{w}}" for c, w in zip(totals, (13, 14, 11, 12))))
+    lines += [
+        f"  per round, {r['selected_per_round']} clients: SFPrompt {r['bytes_per_round']['sfprompt'] / 1e9:.3f} GB, "
+        f"FedAvg full {r['bytes_per_round']['fedavg_full'] / 1e9:.3f} GB",
+        "",
+        "compute per sample and pass (GFLOPs, forward / backward)",
+    ]
+    for name, what in (("head", "client"), ("body", "server, frozen"), ("tail", "client"),
+                       ("local", "client, head->tail"), ("full", "FedAvg client")):
+        lines.append(f"  {name:<6} {fp[name + '_fwd'] / g:10.4f} / {fp[name + '_bwd'] / g:<10.4f} ({what})")
+    c = fr["sfprompt_client"]
+    lines += [
+        "compute per client per round (GFLOPs)",
+        f"  SFPrompt client   {c['total'] / g:14.2f}  (local-loss {c['local'] / g:.2f}, EL2N {c['el2n'] / g:.2f}, "
+        f"split {c['split'] / g:.2f})",
+        f"  SFPrompt server   {fr['sfprompt_server'] / g:14.2f}  (body, for this client)",
+        f"  FedAvg client     {fr['fedavg_full_client'] / g:14.2f}",
+        "",
+        f"communication SFPrompt / FedAvg full: {r['comm_ratio']:.3f}x per round "
+        f"(and in total, for equal rounds)",
+        f"client compute SFPrompt / FedAvg full: {r['client_compute_percent']:.3g} %",
+    ]
+    return "\n".join(lines)
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / MB:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, args = parse_args(argv)
+        result = estimate(cfg, args.samples_per_client, args.fedavg_epochs)
+        print(render(result))
+        if args.json:
+            text = json.dumps(result, indent=2, sort_keys=True)
+            if args.json == "-":
+                print(text)
+            else:
+                try:
+                    Path(args.json).write_text(text + "\n")
+                except OSError as exc:
+                    raise UserError(f"cannot write --json {args.json}: {exc.strerror or exc}") from None
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

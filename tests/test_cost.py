@@ -1,0 +1,102 @@
+"""The cost CLI: runs for the small model and for ViT-B/16 on the meta device,
+writes well-formed JSON, counts FLOPs consistently with the model's cut, and
+refuses bad input with one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sfprompt_mpi.cost import main
+from sfprompt_mpi.errors import EXIT_USER_ERROR
+
+VITB = ["--model", "vit_base_patch16_224", "--prompt-len", "10", "--batch-size", "128", "--clients", "50",
+        "--dataset", "cifar10"]
+
+
+def _cost(argv: list[str], tmp_path, capsys) -> dict:
+    out = tmp_path / "cost.json"
+    assert main([*argv, "--json", str(out)]) == 0
+    capsys.readouterr()
+    return json.loads(out.read_text())
+
+
+def test_small_model_report_and_json(tmp_path, capsys):
+    out = tmp_path / "cost.json"
+
+    code = main(["--json", str(out)])
+
+    printed = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert code == 0
+    assert "communication SFPrompt / FedAvg full" in printed and "client compute SFPrompt / FedAvg full" in printed
+    assert r["model"] == "vit_micro_patch8_32"
+    assert r["flops_per_sample_pass"]["body_fwd"] > 0 and r["flops_per_sample_pass"]["body_bwd"] > 0
+    assert r["comm_ratio"] == pytest.approx(r["bytes_per_client_round"]["sfprompt"]["total"]
+                                            / r["bytes_per_client_round"]["fedavg_full"]["total"])
+
+
+def test_round_totals_multiply_out_the_per_sample_passes(tmp_path, capsys):
+    r = _cost(["--samples-per-client", "100", "--keep-ratio", "0.3", "--local-epochs", "2", "--split-epochs", "3",
+               "--fedavg-epochs", "2"], tmp_path, capsys)
+
+    f, c = r["flops_per_sample_pass"], r["flops_per_client_round"]
+    assert r["kept_per_client"] == 30
+    assert c["sfprompt_client"]["local"] == 2 * 100 * (f["local_fwd"] + f["local_bwd"])
+    assert c["sfprompt_client"]["el2n"] == 100 * f["local_fwd"]
+    assert c["sfprompt_client"]["split"] == 3 * 30 * (f["head_fwd"] + f["head_bwd"] + f["tail_fwd"] + f["tail_bwd"])
+    assert c["sfprompt_server"] == 3 * 30 * (f["body_fwd"] + f["body_bwd"])
+    assert c["fedavg_full_client"] == 2 * 100 * (f["full_fwd"] + f["full_bwd"])
+
+
+def test_flops_follow_the_cut_without_prompts(tmp_path, capsys):
+    # Without prompts the parts are exactly the backbone cut in three, so forward FLOPs add up.
+    r = _cost(["--prompt-len", "0", "--keep-ratio", "1.0"], tmp_path, capsys)
+
+    f = r["flops_per_sample_pass"]
+    assert f["head_fwd"] + f["body_fwd"] + f["tail_fwd"] == f["full_fwd"]
+    assert f["local_fwd"] == f["head_fwd"] + f["tail_fwd"]
+    assert f["head_bwd"] == f["body_bwd"] == 0  # nothing before the cut trains: no gradient crosses it
+    assert r["flops_per_client_round"]["sfprompt_client"]["el2n"] == 0
+    assert set(r["bytes_per_client_round"]["sfprompt"]["up"]) == {"acts", "update"}
+
+
+def test_vit_base_on_meta_device_saves_client_compute_and_communication(tmp_path, capsys):
+    # 200 samples per client: below the ~490-sample break-even of this cut at float32 and keep 0.5.
+    vitb = _cost([*VITB, "--samples-per-client", "200"], tmp_path, capsys)
+    vitl = _cost([*VITB, "--model", "vit_large_patch16_224", "--samples-per-client", "200"], tmp_path, capsys)
+
+    assert vitb["flops_per_sample_pass"]["full_fwd"] == pytest.approx(35.1e9, rel=0.01)  # ViT-B/16: 17.6 GMACs
+    assert vitb["flops_per_sample_pass"]["body_fwd"] > 0
+    fr = vitb["flops_per_client_round"]
+    assert fr["sfprompt_client"]["total"] < fr["fedavg_full_client"]
+    assert vitb["client_compute_percent"] < 100
+    assert vitb["comm_ratio"] < 1
+    assert vitl["comm_ratio"] < vitb["comm_ratio"]  # activations grow with width, parameters faster
+    assert vitb["params"]["fedavg_exchanged"] == pytest.approx(85.8e6, rel=0.01)
+
+
+def test_bfloat16_wire_halves_activation_bytes(tmp_path, capsys):
+    f32 = _cost(["--samples-per-client", "64"], tmp_path, capsys)
+    bf16 = _cost(["--samples-per-client", "64", "--wire-dtype", "bfloat16"], tmp_path, capsys)
+
+    # 64 samples, keep 0.5 -> 32 kept -> one batch of 32: one header plus B x N x D elements
+    elements = 32 * f32["tokens"] * f32["width"]
+    assert f32["bytes_per_client_round"]["sfprompt"]["up"]["acts"] == 112 + 4 * elements
+    assert bf16["bytes_per_client_round"]["sfprompt"]["up"]["acts"] == 112 + 2 * elements
+    assert bf16["bytes_per_client_round"]["sfprompt"]["up"]["update"] == f32["bytes_per_client_round"]["sfprompt"]["up"]["update"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--model", "vit_nonexistent_patch16"], "unknown model"),
+    (["--samples-per-client", "-3"], "--samples-per-client"),
+    (["--head-blocks", "3", "--tail-blocks", "3"], "depth"),
+    (["--no-such-flag"], "bad command line"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, words, capsys):
+    code = main(argv)
+
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and words in err
