@@ -155,8 +155,7 @@ def test_user_error_prints_one_line_once_and_exits_2(tmp_path):
 
     assert result.returncode == 2, result.report()
     errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
-    assert errors == ["error: --clients 1 is smaller than the 2 client ranks; use --clients >= 2 or launch "
-                      "with -n 2"], result.report()
+    assert len(errors) == 1 and "--clients 1" in errors[0] and "2 client ranks" in errors[0], result.report()
     assert "Traceback" not in result.output, result.report()
     assert not run_dir.exists()
 
