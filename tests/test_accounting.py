@@ -11,9 +11,6 @@ measurement must agree exactly, per round and per message kind.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -28,6 +25,7 @@ from sfprompt_mpi.metrics.accounting import build_meta_model, client_round_bytes
 from sfprompt_mpi.metrics.h5 import rank_file, read_metrics
 from sfprompt_mpi.model.vit import model_depth_and_size
 from sfprompt_mpi.run import client_hosts
+from run_helpers import run_bounded  # tests/mpi, on sys.path via tests/conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -43,16 +41,8 @@ def _launch(run_dir: Path, flags: list[str], world: int) -> None:
     job = [sys.executable, "-m", "sfprompt_mpi.run", "--run-dir", str(run_dir), *TINY, *flags]
     if world > 1:
         job = [str(MPIEXEC), "-n", str(world), sys.executable, "-m", "mpi4py", *job[1:]]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(job, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(job)} still running after {LAUNCH_TIMEOUT_S} s; output so far:\n{out}")
-    assert proc.returncode == 0, out
+    result = run_bounded(job, LAUNCH_TIMEOUT_S)
+    assert result.returncode == 0, result.output
 
 
 def _measured(run_dir: Path, rank: int) -> dict[str, dict[int, dict[str, int]]]:

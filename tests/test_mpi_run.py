@@ -22,9 +22,7 @@ Final global parameters are compared through ``checkpoint/global.safetensors``:
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +35,7 @@ from sfprompt_mpi.fed.state import Layout, trainable_names
 from sfprompt_mpi.metrics.h5 import read_events, read_metrics
 from sfprompt_mpi.model.split import build_model
 
-_spec = importlib.util.spec_from_file_location("run_helpers", Path(__file__).parent / "mpi" / "run_helpers.py")
-helpers = sys.modules.setdefault("run_helpers", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(helpers)
+import run_helpers as helpers  # tests/mpi, put on sys.path by tests/conftest.py
 
 COMMON = ["--clients", "4", "--rounds", "2", "--max-train-samples", "240", "--max-test-samples", "100",
           "--threads", "1", "--batch-size", "16", "--seed", "3"]

@@ -8,8 +8,6 @@ written once against the Transport protocol; see its docstring for the list.
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +20,8 @@ from sfprompt_mpi.comm import build_transport
 from sfprompt_mpi.comm.protocol import (HEADER_LEN, MAX_DIMS, Header, Kind, ProtocolError, header_for,
                                         pack_header, unpack_header)
 from sfprompt_mpi.errors import UserError
+
+from run_helpers import run_bounded  # tests/mpi, on sys.path via tests/conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "mpi" / "transport_conformance.py"
@@ -85,20 +85,11 @@ def test_loopback_conformance(size, capsys):
 
 def _launch(size: int, kind: str) -> subprocess.CompletedProcess:
     """``mpiexec -n size`` of the conformance script, bounded; its whole process group dies on timeout."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [str(MPIEXEC), "-n", str(size), sys.executable, "-m", "mpi4py", str(SCRIPT), kind]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} still running after {LAUNCH_TIMEOUT_S} s; output so far:\n{out}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+    result = run_bounded(cmd, LAUNCH_TIMEOUT_S)
+    return subprocess.CompletedProcess(cmd, result.returncode, result.output)
 
 
-@pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")
 @pytest.mark.parametrize("kind, size", [("mpi", 2), ("mpi", 3), ("gloo", 1), ("gloo", 2), ("gloo", 3)])
 def test_mpi_conformance(kind, size):
     result = _launch(size, kind)

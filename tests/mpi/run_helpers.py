@@ -52,6 +52,16 @@ def launch(args: list[str], *, ranks: int | None = None, script: list[str] | Non
     cmd = [sys.executable, *entry, *args]
     if ranks is not None:
         cmd = [str(MPIEXEC), "-n", str(ranks), *cmd]
+    return run_bounded(cmd, timeout)
+
+
+def run_bounded(cmd: list[str], timeout: float = LAUNCH_TIMEOUT_S) -> Launch:
+    """Run ``cmd`` from the repository root with one thread per process, bounded.
+
+    The child gets its own session, so on timeout the whole process group
+    (mpiexec, its proxy and every rank) is killed and AssertionError carries
+    the output so far.
+    """
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
