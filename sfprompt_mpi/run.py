@@ -14,11 +14,13 @@ other failure on any rank aborts the whole MPI job with that rank's error.
 
 from __future__ import annotations
 
+import time
+
+_STARTED = time.monotonic()  # before anything heavy is imported
+
 import logging
 import os
 import sys
-import threading
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,12 @@ from .config import Config, config_from_dict, load_toml, parse_config, build_par
 from .errors import EXIT_USER_ERROR, UserError
 
 log = logging.getLogger("sfprompt_mpi")
+
+#: Memory one rank needs at least with a small model: the imports of torch,
+#: torchvision and timm alone take about 0.41 GB of private memory per
+#: process (measured on CPU, torch 2.15); 51 ranks of the offline default
+#: peaked at 23.5 GB on a 24 GB node. See README, "Many ranks on one node".
+RANK_MEMORY_FLOOR_GB = 0.42
 
 _MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
 
@@ -56,6 +64,43 @@ def detect_world() -> World:
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     return World(comm, comm.Get_rank(), comm.Get_size())
+
+
+def node_memory_check(world: World) -> None:
+    """Refuse, with one line, to start more ranks on a node than its memory can hold.
+
+    The floor per rank is RANK_MEMORY_FLOOR_GB, or $SFPROMPT_RANK_GB where set
+    (larger for big models, 0 to turn the check off). Runs before torch is imported, so a node that would run out of memory
+    during start-up fails in a second instead of being OOM-killed minutes in.
+    Each node's ranks compare the floor x their count with MemAvailable; the
+    verdict is agreed by all ranks so no rank waits for a failed one."""
+    error = None
+    if world.comm is not None and world.size > 1:
+        from mpi4py import MPI
+        local = world.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        ranks_here, local_rank = local.Get_size(), local.Get_rank()
+        local.Free()
+        available = _mem_available_gb()
+        floor = float(os.environ.get("SFPROMPT_RANK_GB", RANK_MEMORY_FLOOR_GB))
+        need = ranks_here * floor
+        if local_rank == 0 and available is not None and need > available:
+            error = (f"{ranks_here} ranks on node {os.uname().nodename} need at least {need:.1f} GB "
+                     f"({floor:g} GB each, SFPROMPT_RANK_GB) but only {available:.1f} GB is available; launch fewer "
+                     f"ranks per node and give each several clients with --clients N (virtual clients)")
+        errors = [e for e in world.comm.allgather(error) if e]
+        if errors:
+            raise UserError(errors[0])
+
+
+def _mem_available_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
 
 
 def client_hosts(num_clients: int, world_size: int) -> dict[int, list[int]]:
@@ -113,13 +158,16 @@ def set_threads(cfg: Config, world: World) -> int:
     return threads
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """``started``: time.monotonic() when the process began (for the "setup took" line)."""
+    started = time.monotonic() if started is None else started
     world = World(None, 0, 1)
     try:
         world = detect_world()
         cfg = resolve_config(argv)
+        node_memory_check(world)
         from .runtime import run_job  # heavy imports (torch, timm) only after argument checks
-        return run_job(cfg, world)
+        return run_job(cfg, world, started)
     except UserError as exc:
         if world.rank == 0:
             print(f"error: {exc}", file=sys.stderr)
@@ -137,4 +185,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(started=_STARTED))

@@ -156,6 +156,18 @@ def test_user_error_prints_one_line_once_and_exits_2(tmp_path):
     assert not run_dir.exists()
 
 
+def test_too_many_ranks_for_the_node_memory_fail_fast_with_one_line(tmp_path):
+    run_dir = tmp_path / "never"
+
+    result = helpers.launch([*COMMON, "--run-dir", str(run_dir)], ranks=3, timeout=60,
+                            env={"SFPROMPT_RANK_GB": "100000"})
+
+    assert result.returncode == 2, result.report()
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "3 ranks on node" in errors[0] and "--clients" in errors[0], result.report()
+    assert "Traceback" not in result.output and not run_dir.exists(), result.report()
+
+
 def test_crash_on_a_client_rank_ends_the_whole_job(tmp_path):
     result = helpers.launch([*COMMON, "--run-dir", str(tmp_path / "crash"), "--inject-fault", "crash@rank:1,round:1"],
                             ranks=3, timeout=120)

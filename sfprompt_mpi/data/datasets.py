@@ -63,10 +63,13 @@ class FedData:
 class TensorImages(Dataset):
     """Small images held in memory, served upscaled and normalised.
 
-    ``images`` are float ``N x C x h x w`` in [0, 1] with C = 1 or 3. When the
-    rendered set fits in a few hundred MiB it is rendered once up front;
-    otherwise (e.g. digits at 224 px) each item is rendered on access, with
-    the same result.
+    ``images`` are float ``N x C x h x w`` in [0, 1] with C = 1 or 3. An item
+    is rendered (resized, normalised) on first access and kept when the whole
+    rendered set would fit in a few hundred MiB; otherwise (e.g. digits at
+    224 px) it is rendered on every access, with the same result. The cache
+    is reserved, not filled, up front: its pages become resident only for
+    the items a rank touches, so a client rank that reads only its own shard
+    holds only that shard's rendered images.
     """
 
     def __init__(self, images: torch.Tensor, labels: np.ndarray, image_size: int) -> None:
@@ -74,7 +77,9 @@ class TensorImages(Dataset):
         self.image_size = image_size
         self._small = images.float().contiguous()
         rendered_bytes = len(images) * 3 * image_size * image_size * 4
-        self._cache = self._render(self._small) if rendered_bytes <= _CACHE_BYTES else None
+        cached = rendered_bytes <= _CACHE_BYTES
+        self._cache = torch.empty(len(images), 3, image_size, image_size) if cached else None
+        self._filled = np.zeros(len(images), dtype=bool) if cached else None
 
     def _render(self, x_NChw: torch.Tensor) -> torch.Tensor:
         s = self.image_size
@@ -88,11 +93,12 @@ class TensorImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if self._cache is not None:
-            image_CHW = self._cache[index]
-        else:
-            image_CHW = self._render(self._small[index:index + 1])[0]
-        return image_CHW, int(self.labels[index])
+        if self._cache is None:
+            return self._render(self._small[index:index + 1])[0], int(self.labels[index])
+        if not self._filled[index]:
+            self._cache[index] = self._render(self._small[index:index + 1])[0]
+            self._filled[index] = True
+        return self._cache[index], int(self.labels[index])
 
 
 # --- torchvision classes that trust files already on disk -------------------

@@ -41,7 +41,7 @@ class Launch:
 
 
 def launch(args: list[str], *, ranks: int | None = None, script: list[str] | None = None,
-           timeout: float = LAUNCH_TIMEOUT_S) -> Launch:
+           timeout: float = LAUNCH_TIMEOUT_S, env: dict[str, str] | None = None) -> Launch:
     """``[mpiexec -n ranks] python -m sfprompt_mpi.run args`` (or ``python script args``), bounded.
 
     The child gets its own session, so on timeout the whole process group
@@ -52,17 +52,17 @@ def launch(args: list[str], *, ranks: int | None = None, script: list[str] | Non
     cmd = [sys.executable, *entry, *args]
     if ranks is not None:
         cmd = [str(MPIEXEC), "-n", str(ranks), *cmd]
-    return run_bounded(cmd, timeout)
+    return run_bounded(cmd, timeout, env)
 
 
-def run_bounded(cmd: list[str], timeout: float = LAUNCH_TIMEOUT_S) -> Launch:
+def run_bounded(cmd: list[str], timeout: float = LAUNCH_TIMEOUT_S, env: dict[str, str] | None = None) -> Launch:
     """Run ``cmd`` from the repository root with one thread per process, bounded.
 
     The child gets its own session, so on timeout the whole process group
     (mpiexec, its proxy and every rank) is killed and AssertionError carries
     the output so far.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
