@@ -23,6 +23,7 @@ from .errors import UserError
 ALGOS = ("sfprompt", "fl-full", "fl-linear", "fedpeft-prompt", "fedpeft-bias",
          "fedpeft-adapter", "sfl-full", "sfl-linear")
 FAULTS = ("wrong-shape", "nan", "crash", "hang", "slow", "huge-norm")
+AGGREGATORS = ("fedavg", "median", "trimmed-mean", "norm-clip")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "flowers102",
             "caltech101", "food101")
 
@@ -41,6 +42,7 @@ class ModelConfig:
     train_head: bool = _f(False, "also train (and aggregate) the head's blocks and embeddings")
     pretrained: bool = _f(False, "load timm's pretrained weights (needs them cached or reachable)")
     checkpoint: str = _f("", "local weights file for the backbone (timm .pth/.bin or .safetensors)")
+    adapter_dim: int = _f(8, "bottleneck width of the adapters of --algo fedpeft-adapter")
 
 
 @dataclass
@@ -73,6 +75,12 @@ class FedConfig:
     local_lr: float = _f(0.003, "learning rate of the local-loss update (the paper: 1e-4 with sgd)")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(0.0, "weight decay")
+    aggregator: str = _f("fedavg", "how the server combines client updates: fedavg, coordinate-wise median, trimmed-mean, or norm-clip (each client's delta clipped to --clip-norm)", AGGREGATORS)
+    trim_fraction: float = _f(0.25, "trimmed-mean: fraction of the largest and of the smallest values dropped per coordinate")
+    clip_norm: float = _f(0.0, "norm-clip: L2 bound on each client's delta from the global vector (0: this round's median delta norm)")
+    dp_clip: float = _f(0.0, "client-level DP (DP-FedAvg): L2 bound on each client's delta (0: DP off)")
+    dp_noise: float = _f(0.0, "client-level DP: noise multiplier z; Gaussian noise of std z * dp_clip / K is added to the mean")
+    dp_delta: float = _f(1e-5, "client-level DP: the delta at which the privacy spent (epsilon) is reported")
 
 
 @dataclass
@@ -82,6 +90,8 @@ class CommConfig:
     server_batch: int = _f(4, "max clients whose activations share one body pass (1: off)")
     max_pending: int = _f(64, "body graphs the server keeps awaiting their gradient; beyond, it recomputes")
     client_timeout: float = _f(600.0, "seconds any rank waits for one message before giving up")
+    min_clients: int = _f(1, "fewest surviving clients a round may aggregate; below it the round is retried or the run stops")
+    round_retries: int = _f(0, "retries of a round that ended with fewer than --min-clients survivors, before the run stops")
 
 
 @dataclass
@@ -249,6 +259,7 @@ def validate(cfg: Config) -> None:
     _check(m.head_blocks >= 0, "model.head_blocks must be >= 0")
     _check(m.tail_blocks >= 0, "model.tail_blocks must be >= 0")
     _check(m.prompt_len >= 0, f"model.prompt_len must be >= 0, got {m.prompt_len}")
+    _check(m.adapter_dim >= 1, f"model.adapter_dim must be >= 1, got {m.adapter_dim}")
     _check(m.prompt_depth in ("shallow", "deep"), f"model.prompt_depth must be shallow or deep, got {m.prompt_depth!r}")
     _check(d.dataset in DATASETS, f"unknown dataset {d.dataset!r} (known: {', '.join(DATASETS)})")
     _check(d.partition in ("iid", "dirichlet", "shards"), f"data.partition must be iid, dirichlet or shards, got {d.partition!r}")
@@ -275,6 +286,17 @@ def validate(cfg: Config) -> None:
     _check(r.server_device in ("auto", "cpu", "cuda"), f"run.server_device must be auto, cpu or cuda, got {r.server_device!r}")
     _check(r.threads >= 0, "run.threads must be >= 0")
     _check(r.eval_every >= 1, "run.eval_every must be >= 1")
+    _check(fe.aggregator in AGGREGATORS, f"fed.aggregator must be one of {', '.join(AGGREGATORS)}, got {fe.aggregator!r}")
+    _check(0 <= fe.trim_fraction < 0.5, f"fed.trim_fraction must be in [0, 0.5), got {fe.trim_fraction}")
+    for key in ("clip_norm", "dp_clip", "dp_noise"):
+        value = getattr(fe, key)
+        _check(math.isfinite(value) and value >= 0, f"fed.{key} must be a finite number >= 0, got {value}")
+    _check(0 < fe.dp_delta < 1, f"fed.dp_delta must be in (0, 1), got {fe.dp_delta}")
+    _check(fe.dp_noise == 0 or fe.dp_clip > 0, "fed.dp_noise needs fed.dp_clip > 0 (the noise is scaled to the clip bound); set --dp-clip")
+    _check(fe.dp_clip == 0 or fe.aggregator == "fedavg",
+           f"--dp-clip runs DP-FedAvg, which does its own clipping and averaging; drop --aggregator {fe.aggregator} or --dp-clip")
+    _check(c.min_clients >= 1, f"comm.min_clients must be >= 1, got {c.min_clients}")
+    _check(c.round_retries >= 0, f"comm.round_retries must be >= 0, got {c.round_retries}")
     if r.inject_fault:
         parse_fault(r.inject_fault)
 

@@ -151,7 +151,41 @@ def estimate(cfg: Config, samples_per_client: int = 0, fedavg_epochs: int = 0) -
         "client_flops_per_sample": {"sfprompt": client_total / shard, "fedavg_full": fl_client / shard},
         "server_flops_per_sample": server / shard,
         "client_compute_percent": 100.0 * client_total / fl_client,
+        "algorithms": algorithm_costs(cfg, shard, classes),
     }
+
+
+def algorithm_costs(cfg: Config, shard: int, classes: int) -> dict[str, dict[str, float]]:
+    """Per ``--algo`` (every one, same model, data and epochs as ``cfg``): parameters
+    exchanged, bytes per client per round, and client and server FLOPs per local sample."""
+    import dataclasses
+
+    from .config import ALGOS
+    from .metrics import accounting as acc
+    from .model.vit import build_backbone
+
+    full = build_backbone(cfg.model, classes, meta=True)
+    rows = {}
+    for name in ALGOS:
+        c = dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, algo=name))
+        model, layout = acc.build_meta_model(c, classes)
+        f = acc.count_pass_flops(model, full)
+        b = acc.client_round_bytes(shard, c, tokens=model.tokens, width=model.width, flat=layout.numel,
+                                   need_grad=acc.needs_grad(c))
+        rows[name] = {"exchanged_params": layout.numel,
+                      "bytes_per_client_round": sum(b["up"].values()) + sum(b["down"].values()),
+                      "client_flops_per_sample": sum(acc.client_round_flops(shard, c, f).values()) / shard,
+                      "server_flops_per_sample": acc.server_round_flops(shard, c, f) / shard}
+    return rows
+
+
+def render_algorithms(rows: dict[str, dict[str, float]]) -> str:
+    lines = ["per algorithm (same model, data and epochs; MB per client per round, GFLOPs per local sample)",
+             f"  {'algo':<16} {'exchanged':>11} {'MB/round':>10} {'client GF':>10} {'server GF':>10}"]
+    for name, r in rows.items():
+        lines.append(f"  {name:<16} {r['exchanged_params']:>11,} {r['bytes_per_client_round'] / MB:>10.3f} "
+                     f"{r['client_flops_per_sample'] / 1e9:>10.4f} {r['server_flops_per_sample'] / 1e9:>10.4f}")
+    return "\n".join(lines)
 
 
 def render(r: dict[str, Any]) -> str:
@@ -202,7 +236,7 @@ def render(r: dict[str, Any]) -> str:
         f"(and in total, for equal rounds)",
         f"client compute SFPrompt / FedAvg full: {r['client_compute_percent']:.3g} %",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + render_algorithms(r["algorithms"])
 
 
 def _mb(n: int | None) -> str:

@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,18 +30,15 @@ from .errors import UserError
 from .fed.checkpoint import check_compatible, load_checkpoint
 from .fed.client import ClientHost
 from .fed.server import Server
-from .fed.state import Layout, trainable_names
+from .fed.state import Layout, server_trained_names, trainable_names
 from .metrics.accounting import describe_plan
 from .metrics.h5 import MetricsWriter, link_rank_files
-from .model.split import apply_client_cut, build_model, freeze_except
+from .fed.algos import algo_of, build_run_model
+from .model.split import apply_client_cut, freeze_except
 from .model.vit import build_backbone
 from .run import World, client_hosts, set_threads, setup_logging
 
 log = logging.getLogger("sfprompt_mpi")
-
-#: Algorithms this runtime runs; the other names in config.ALGOS are refused, never silently replaced.
-IMPLEMENTED_ALGOS = ("sfprompt",)
-
 
 def _agree(world: World, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on every rank; if it raised UserError anywhere, raise it everywhere."""
@@ -66,6 +64,13 @@ def num_clients(cfg: Config, world: World) -> int:
     if not world.single and n < world.size - 1:
         raise UserError(f"--clients {n} is smaller than the {world.size - 1} client ranks; "
                         f"use --clients >= {world.size - 1} or launch with -n {n + 1}")
+    if world.single and cfg.comm.transport != "mpi":
+        raise UserError(f"--transport {cfg.comm.transport} carries tensors between MPI ranks but this run has one "
+                        f"process; launch with mpiexec -n 2 or more, or drop --transport")
+    k = max(1, round(cfg.fed.fraction * n))
+    if cfg.comm.min_clients > k:
+        raise UserError(f"--min-clients {cfg.comm.min_clients} exceeds the {k} clients selected per round "
+                        f"({n} clients x --fraction {cfg.fed.fraction}); lower --min-clients")
     return n
 
 
@@ -78,17 +83,19 @@ def _new_run_dir(cfg: Config) -> Path:
     probe = parent
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"run directory {path} cannot be created: {probe} is not writable")
+    if not probe.is_dir():
+        raise UserError(f"run directory {path} cannot be created: {probe} is a file; choose another --run-dir")
+    try:  # os.access says yes to root even on a read-only file system: try for real, leave nothing behind
+        os.rmdir(tempfile.mkdtemp(prefix=".sfprompt-probe-", dir=probe))
+    except OSError as exc:
+        raise UserError(f"run directory {path} cannot be created: {probe} is not writable "
+                        f"({exc.strerror}); choose another --run-dir") from None
     return path
 
 
 def _rank0_checks(cfg: Config, world: World) -> dict:
     """Checks that touch the file system once: weights, dataset files, run dir, checkpoint."""
     n = num_clients(cfg, world)
-    if cfg.fed.algo not in IMPLEMENTED_ALGOS:
-        raise UserError(f"--algo {cfg.fed.algo} is not implemented in this version "
-                        f"(available: {', '.join(IMPLEMENTED_ALGOS)})")
     meta_vit = build_backbone(cfg.model, num_classes=2, meta=True)
     depth = len(meta_vit.blocks)
     if cfg.model.head_blocks + cfg.model.tail_blocks >= depth:
@@ -129,10 +136,10 @@ def run_job(cfg: Config, world: World, started: float | None = None) -> int:
         return 0
 
     data: FedData = _agree(world, lambda: build_data(cfg.data, _image_size(cfg), cfg.run.seed))
-    model = _agree(world, lambda: build_model(cfg.model, data.num_classes, cfg.run.seed, quiet=world.rank != 0))
+    model = _agree(world, lambda: build_run_model(cfg, data.num_classes, quiet=world.rank != 0))
     layout = Layout(model, trainable_names(model, cfg))
     freeze_except(model, set(layout.names))
-    global_state = _agree(world, lambda: _load_global(cfg, layout) if world.rank == 0 and cfg.run.resume else None)
+    global_state = _agree(world, lambda: _load_global(cfg, layout, model) if world.rank == 0 and cfg.run.resume else None)
 
     run_dir = Path(info["run_dir"])
     if world.rank == 0:
@@ -176,10 +183,13 @@ def _image_size(cfg: Config) -> int:
     return build_backbone(cfg.model, num_classes=2, meta=True).patch_embed.img_size[0]
 
 
-def _load_global(cfg: Config, layout: Layout) -> dict[str, torch.Tensor]:
+def _load_global(cfg: Config, layout: Layout, model) -> dict[str, torch.Tensor]:
     where = Path(cfg.run.resume) / "checkpoint"
+    server_trained = set(server_trained_names(model, cfg))
     tensors, _ = load_checkpoint(where)
-    check_compatible(tensors, dict(zip(layout.names, layout.shapes)), str(where))
+    expected = dict(zip(layout.names, layout.shapes))
+    expected.update({n: tuple(p.shape) for n, p in model.named_parameters() if n in server_trained})
+    check_compatible(tensors, expected, str(where))
     return tensors
 
 
@@ -234,8 +244,7 @@ def _build_server(cfg, model, layout, data, hosts, transport, run_dir, global_st
     server = Server(cfg, model, layout, data.test, hosts, transport, device=device, metrics=metrics,
                     run_dir=str(run_dir), on_round=_progress(cfg))
     if global_state is not None:
-        server.global_state = global_state
-        layout.write(server.model, global_state)
+        server.load_state(global_state)
     return server, metrics
 
 
@@ -245,7 +254,8 @@ def _build_host(cfg, rank, model, layout, data, hosts, transport, run_dir, resum
                               shards_per_client=cfg.data.shards_per_client, seed=cfg.run.seed)
     shards = {c: parts[c] for c in hosts[rank]}
     metrics = MetricsWriter(run_dir, rank, role="client", attrs=_attrs(cfg, "cpu"), resume_round=resume_round)
-    return ClientHost(cfg, apply_client_cut(model), layout, data.train, shards, transport, metrics), metrics
+    client_model = apply_client_cut(model) if algo_of(cfg).split else model
+    return ClientHost(cfg, client_model, layout, data.train, shards, transport, metrics), metrics
 
 
 def run_reference(cfg, model, layout, data, hosts, run_dir, global_state=None, start=1,

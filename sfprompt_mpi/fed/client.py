@@ -8,6 +8,7 @@ the server (rank 0): ``ACTS`` -> ``BODY_OUT`` and ``GRAD_OUT`` -> ``GRAD_ACTS``.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from typing import Any, Sequence
@@ -17,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from ..comm.protocol import Kind, Message, Transport, expect, header_for
+from ..comm.protocol import ROUND_ATTEMPT_STRIDE, Kind, Message, Transport, expect, header_for, round_of
 from ..config import Config, parse_fault
 from ..model.split import PromptedViT
+from .algos import algo_of, uses_sfprompt_phases
 from .pruning import el2n_scores, select_highest
 from .state import Layout, derive_seed
 
@@ -46,6 +48,14 @@ def iter_batches(n: int, batch_size: int, generator: torch.Generator | None):
         yield order[start:start + batch_size]
 
 
+def make_optimizer(params: list[torch.nn.Parameter], cfg: Config, lr: float) -> torch.optim.Optimizer:
+    """The configured optimiser (``fed.optimizer``) over ``params`` at learning rate ``lr``."""
+    fed = cfg.fed
+    if fed.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=fed.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=fed.momentum, weight_decay=fed.weight_decay)
+
+
 class Rejected(Exception):
     """The server refused one of this client's messages: the client leaves the round."""
 
@@ -66,12 +76,15 @@ class ClientHost:
         self.device = torch.device(device)
         self.wire = WIRE_DTYPES[cfg.comm.wire_dtype]
         self.timeout = cfg.comm.client_timeout
+        self.algo = algo_of(cfg)
         self._params = dict(model.named_parameters())
         self.trainable = [self._params[n] for n in layout.names]
         self._current: tuple[int, int] | None = None
         self.fault = parse_fault(cfg.run.inject_fault) if cfg.run.inject_fault else None
         self.rank = transport.rank
         self._faulted = False
+        self._inbox: collections.deque[Message] = collections.deque()  # taken in by _drain, not yet used
+        self._dropped: set[tuple[int, int]] = set()  # (round tag, client) the server dropped before it ran
 
     def _fault(self, rnd: int, kinds: tuple[str, ...]) -> str | None:
         """The injected fault due now (first client of the round only), if any."""
@@ -83,31 +96,47 @@ class ClientHost:
 
     # -- the host loop --------------------------------------------------------
     def serve(self) -> None:
-        """Answer rounds until the server says STOP."""
+        """Answer rounds until the server says STOP.
+
+        START's round field is the attempt's tag (the round itself unless the
+        server retries it, see :func:`~sfprompt_mpi.comm.protocol.round_tag`);
+        every message of the attempt carries it. A client the server dropped
+        (REJECT, e.g. after this rank missed ``--client-timeout``) is skipped
+        if it has not started yet and abandoned where it stands otherwise, so
+        a host that fell behind catches up instead of training for nothing.
+        """
         while True:
             msg = self._recv("the next round (START or STOP)")
             if msg.header.kind == Kind.STOP:
                 return
             expect(msg.header, Kind.START)
-            rnd = msg.header.round
+            tag = msg.header.round
+            rnd, attempt = round_of(tag), tag // ROUND_ATTEMPT_STRIDE
             self._faulted = False
+            self._dropped = {k for k in self._dropped if _attempt_key(k[0]) >= (rnd, attempt)}
             # The server sends every selected client's parameters right after START.
             todo = []
             for cid in msg.payload.tolist():
                 params = self._recv(f"round {rnd} parameters for client {cid}")
-                expect(params.header, Kind.PARAMS, round=rnd, client=cid, shape=(self.layout.numel,))
+                expect(params.header, Kind.PARAMS, round=tag, client=cid, shape=(self.layout.numel,))
                 todo.append((cid, params))
             for cid, params in todo:
-                self._current = (rnd, cid)
+                self._drain()
+                if (tag, cid) in self._dropped:
+                    log.warning("round %d: client %d was dropped by the server before it started; skipped", rnd, cid)
+                    continue
+                self._current = (tag, cid)
                 try:
-                    flat_F, n, stats = self.run_client_round(rnd, cid, params.payload)
+                    flat_F, n, stats = self.run_client_round(tag, cid, params.payload)
                 except Rejected as exc:
                     log.warning("round %d: client %d left the round: %s", rnd, cid, exc)
                     continue
                 finally:
                     self._current = None
+                if attempt:
+                    stats["attempt"] = attempt
                 t0 = time.perf_counter()
-                self.transport.send(SERVER, header_for(Kind.UPDATE, flat_F, round=rnd, client=cid, aux=n), flat_F)
+                self.transport.send(SERVER, header_for(Kind.UPDATE, flat_F, round=tag, client=cid, aux=n), flat_F)
                 stats["time/upload"] = time.perf_counter() - t0
                 if self.metrics is not None:
                     self.metrics.log({f"clients/{cid}/{k}": v for k, v in stats.items()}, rnd)
@@ -119,17 +148,51 @@ class ClientHost:
                 self.metrics.log(row, rnd)
 
     def _recv(self, what: str) -> Message:
+        """The next message from the server that is still of use; waits ``--client-timeout`` at most
+        between messages (the server's KEEPALIVEs restart the wait while it serves others).
+
+        Raises :class:`Rejected` when the server dropped the client now running.
+        """
         while True:
-            msg = self.transport.recv(SERVER, timeout=self.timeout, waiting_for=what)
-            h = msg.header
-            if h.kind == Kind.ERROR:
-                raise RuntimeError(f"the server failed ({what} was expected)")
-            if h.kind != Kind.REJECT:
+            if self._inbox:
+                msg = self._inbox.popleft()
+            else:
+                msg = self.transport.recv(SERVER, timeout=self.timeout, waiting_for=what)
+            if self._take(msg):
                 return msg
+
+    def _take(self, msg: Message) -> bool:
+        """Whether ``msg`` is for the caller; handles control messages and late replies itself."""
+        h = msg.header
+        if h.kind == Kind.ERROR:
+            raise RuntimeError("the server failed")
+        if h.kind == Kind.KEEPALIVE:
+            return False
+        if h.kind == Kind.REJECT:
             if self._current == (h.round, h.client):
-                raise Rejected(f"the server refused its message at step {h.step}")
-            # A refusal of an upload that already left: the client's round is over anyway.
-            log.warning("round %d: the server refused client %d's upload", h.round, h.client)
+                raise Rejected("the server dropped it" + (f" at step {h.step}" if h.step >= 0 else ""))
+            # A client that has not started yet, or whose upload already left.
+            self._dropped.add((h.round, h.client))
+            log.warning("round %d: the server dropped client %d", round_of(h.round), h.client)
+            return False
+        if h.kind in (Kind.START, Kind.STOP) and self._current is not None:
+            # The server moved on without the running client (its REJECT went missing): leave too.
+            self._inbox.appendleft(msg)
+            raise Rejected(f"the server went on to {h.describe()}")
+        if h.kind in (Kind.BODY_OUT, Kind.GRAD_ACTS) and self._current != (h.round, h.client):
+            # A reply to a client that has since left its round: nobody waits for it.
+            log.warning("discarded a late %s", h.describe())
+            return False
+        return True
+
+    def _drain(self) -> None:
+        """Take in, without waiting, what the server has already sent (REJECTs of clients not yet run)."""
+        while self.transport.poll(SERVER):
+            msg = self.transport.recv(SERVER, timeout=self.timeout, waiting_for="a message already announced")
+            if msg.header.kind in (Kind.REJECT, Kind.KEEPALIVE, Kind.ERROR):
+                self._take(msg)
+            else:
+                self._inbox.append(msg)
 
     # -- one client's round ----------------------------------------------------
     def run_client_round(self, rnd: int, cid: int, global_F: torch.Tensor) -> tuple[torch.Tensor, int, dict]:
@@ -141,13 +204,18 @@ class ClientHost:
         stats: dict[str, float] = {}
 
         t0 = time.perf_counter()
-        if cfg.local_loss and cfg.local_epochs > 0:
-            loss, acc = self._local_update(shard, gen)
+        if not self.algo.split:  # the whole model here: plain local training, no server traffic
+            loss, acc = self._train_whole(shard, gen, self.model, cfg.split_epochs, cfg.lr)
+            stats.update(train_loss=loss, train_acc=acc, kept=len(shard), **{"time/local": time.perf_counter() - t0})
+            return self._upload_vector(rnd, global_F), len(shard), stats
+        local_on, keep_ratio = uses_sfprompt_phases(self.cfg)
+        if local_on:
+            loss, acc = self._train_whole(shard, gen, self.model.local_forward, cfg.local_epochs, cfg.local_lr)
             stats.update(local_loss=loss, local_acc=acc)
         t1 = time.perf_counter()
-        if cfg.keep_ratio < 1.0:
+        if keep_ratio < 1.0:
             scores = self._score(shard)
-            kept = shard[select_highest(scores, cfg.keep_ratio).numpy()]
+            kept = shard[select_highest(scores, keep_ratio).numpy()]
             stats.update(el2n_mean=float(scores.mean()), el2n_max=float(scores.max()))
         else:
             kept = shard
@@ -158,26 +226,29 @@ class ClientHost:
         stats.update(split_loss=split_loss)
         stats.update({"time/local": t1 - t0, "time/prune": t2 - t1, "time/split": t3 - t2 - waited,
                       "time/wait": waited})
+        return self._upload_vector(rnd, global_F), len(shard), stats
+
+    def _upload_vector(self, rnd: int, global_F: torch.Tensor) -> torch.Tensor:
+        """The trained parameters as the flat vector to upload (``--inject-fault huge-norm`` scales its delta)."""
         flat_F = self.layout.flatten(self.layout.read(self.model))
         if self._fault(rnd, ("huge-norm",)):
             flat_F = global_F + (flat_F - global_F) * 1e6
-        return flat_F, len(shard), stats
+        return flat_F
 
     def _optimizer(self, lr: float) -> torch.optim.Optimizer:
-        cfg = self.cfg.fed
-        if cfg.optimizer == "adam":
-            return torch.optim.Adam(self.trainable, lr=lr, weight_decay=cfg.weight_decay)
-        return torch.optim.SGD(self.trainable, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return make_optimizer(self.trainable, self.cfg, lr)
 
-    def _local_update(self, shard: np.ndarray, gen: torch.Generator) -> tuple[float, float]:
-        """Head straight into tail (no server traffic) for ``local_epochs``."""
-        opt = self._optimizer(self.cfg.fed.local_lr)
+    def _train_whole(self, shard: np.ndarray, gen: torch.Generator, forward, epochs: int,
+                     lr: float) -> tuple[float, float]:
+        """``epochs`` epochs of ``forward`` (no server traffic): SFPrompt's local-loss update
+        (head straight into tail) or the whole model of a non-split algorithm."""
+        opt = self._optimizer(lr)
         self.model.train()
         total, correct, seen = 0.0, 0, 0
-        for _ in range(self.cfg.fed.local_epochs):
+        for _ in range(epochs):
             for pos in iter_batches(len(shard), self.cfg.fed.batch_size, gen):
                 images, labels = self._batch(shard, pos)
-                logits_BK = self.model.local_forward(images)
+                logits_BK = forward(images)
                 loss = F.cross_entropy(logits_BK, labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -239,6 +310,10 @@ class ClientHost:
     def _batch(self, indices: np.ndarray, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = take_batch(self.train, indices[pos.numpy()])
         return images.to(self.device), labels.to(self.device)
+
+
+def _attempt_key(tag: int) -> tuple[int, int]:
+    return round_of(tag), tag // ROUND_ATTEMPT_STRIDE
 
 
 def _inject(kind: str, wire_BND: torch.Tensor, timeout: float) -> torch.Tensor:

@@ -20,13 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..comm.protocol import HEADER_BYTES, Kind, Message, ProtocolError, Transport, expect, header_for
+from ..comm.protocol import (ANY_SOURCE, HEADER_BYTES, ROUND_ATTEMPT_STRIDE, Kind, Message, PayloadTimeout, ProtocolError,
+                              Transport, expect, header_for, round_of, round_tag)
 from ..config import Config
+from ..errors import RunStopped
 from ..model.split import PromptedViT
-from .aggregate import fedavg
+from .aggregate import aggregate
+from .dp import dp_epsilon, dp_fedavg
 from .checkpoint import save_checkpoint
-from .client import WIRE_DTYPES, iter_batches, take_batch
-from .state import Layout, derive_seed
+from .client import WIRE_DTYPES, iter_batches, make_optimizer, take_batch
+from .state import Layout, derive_seed, server_trained_names
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,14 @@ class _Group:
     acts_BND: torch.Tensor                 # concatenated activations (leaf when a graph is kept)
     out_BND: torch.Tensor | None           # body output with graph, or None (recompute on backward)
     grads: dict[int, torch.Tensor] = field(default_factory=dict)  # member index -> dL/dout
+
+
+class _Late(ProtocolError):
+    """A message from an earlier round or attempt, or from a client that already left: discarded, no penalty."""
+
+
+def _attempt_key(tag: int) -> tuple[int, int]:
+    return round_of(tag), tag // ROUND_ATTEMPT_STRIDE
 
 
 def select_clients(num_clients: int, fraction: float, seed: int, rnd: int) -> list[int]:
@@ -71,6 +82,12 @@ class Server:
         self.wire = WIRE_DTYPES[cfg.comm.wire_dtype]
         self.global_state = layout.read(model)
         self.history: list[dict] = []
+        # sfl-full: the server trains the body itself, one client step at a time, in client-id order.
+        self.body_names = server_trained_names(model, cfg)
+        params = dict(self.model.named_parameters())
+        self._body_params = [params[n].requires_grad_(True) for n in self.body_names]
+        self.body_opt = make_optimizer(self._body_params, cfg, cfg.fed.lr) if self._body_params else None
+        self.sequential = self.body_opt is not None
 
     # -- whole run -----------------------------------------------------------------
     def run(self, start_round: int = 1) -> None:
@@ -86,21 +103,15 @@ class Server:
         t_round = time.perf_counter()
         selected = select_clients(self.num_clients, self.cfg.fed.fraction, self.cfg.run.seed, rnd)
         global_F = self.layout.flatten(self.global_state)
-        for rank, cids in self.hosts.items():
-            mine = torch.tensor([c for c in cids if c in set(selected)], dtype=torch.int64)
-            self.transport.send(rank, header_for(Kind.START, mine, round=rnd), mine)
-            for cid in mine.tolist():
-                self.transport.send(rank, header_for(Kind.PARAMS, global_F, round=rnd, client=cid), global_F)
-        updates, served = self._serve(rnd, set(selected))
+        updates, served, dropped = self._attempts(rnd, selected, global_F)
         order = sorted(updates)
         weights = [updates[c][1] for c in order]
-        if order:
-            self.global_state = fedavg([(self.layout.unflatten(updates[c][0]), updates[c][1]) for c in order])
-            self.layout.write(self.model, self.global_state)
-        else:
-            log.warning("round %d: no client update was accepted; the global model is unchanged", rnd)
+        new_F, agg_stats = self._aggregate(rnd, global_F, [updates[c] for c in order], len(selected))
+        self.global_state = self.layout.unflatten(new_F)
+        self.layout.write(self.model, self.global_state)
         row: dict[str, Any] = {"selected": np.array(order, dtype=np.float64),
-                               "agg_weights": np.array(weights, dtype=np.float64) / max(sum(weights), 1)}
+                               "agg_weights": np.array(weights, dtype=np.float64) / max(sum(weights), 1),
+                               "clients_dropped": float(len(dropped)), **agg_stats}
         row.update(served)
         row["bytes_recv_per_client"] = np.array([self._client_bytes.get(c, 0) for c in order], dtype=np.float64)
         if rnd % self.cfg.run.eval_every == 0 or rnd == self.cfg.fed.rounds:
@@ -108,7 +119,7 @@ class Server:
             acc, loss = self.evaluate()
             row.update(test_acc=acc, test_loss=loss, eval_s=time.perf_counter() - t0)
         if self.run_dir is not None:
-            save_checkpoint(f"{self.run_dir}/checkpoint", self.global_state, round=rnd, seed=self.cfg.run.seed)
+            save_checkpoint(f"{self.run_dir}/checkpoint", self.checkpoint_state(), round=rnd, seed=self.cfg.run.seed)
         counts = self.transport.counter.snapshot_and_reset()
         row.update({f"bytes_sent/{k}": v for k, v in counts["sent"].items()})
         row.update({f"bytes_recv/{k}": v for k, v in counts["recv"].items()})
@@ -121,29 +132,131 @@ class Server:
             self.on_round(rnd, row)
         return row
 
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: the global client-trained state, plus the body when the server trains it."""
+        params = dict(self.model.named_parameters())
+        return {**self.global_state, **{n: params[n].detach().to("cpu").clone() for n in self.body_names}}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`checkpoint_state` (for --resume)."""
+        self.global_state = {n: tensors[n] for n in self.layout.names}
+        self.layout.write(self.model, self.global_state)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n in self.body_names:
+                params[n].copy_(tensors[n])
+
+    # -- attempts, aggregation ---------------------------------------------------------
+    def _attempts(self, rnd: int, selected: list[int], global_F: torch.Tensor
+                  ) -> tuple[dict[int, tuple[torch.Tensor, int]], dict, set[int]]:
+        """Run round ``rnd`` until at least ``--min-clients`` clients survive it.
+
+        A retry (at most ``--round-retries``) leaves out the clients whose host
+        timed out (it is still busy with the failed attempt) and tags its
+        messages with a new attempt number, so nothing from the failed attempt
+        is mistaken for the retry's. -> (updates, serving stats, dropped clients).
+        """
+        comm = self.cfg.comm
+        excluded: set[int] = set()
+        for attempt in range(comm.round_retries + 1):
+            tag = round_tag(rnd, attempt)
+            chosen = [c for c in selected if c not in excluded]
+            for rank, cids in self.hosts.items():
+                mine = torch.tensor([c for c in cids if c in set(chosen)], dtype=torch.int64)
+                self.transport.send(rank, header_for(Kind.START, mine, round=tag), mine)
+                for cid in mine.tolist():
+                    self.transport.send(rank, header_for(Kind.PARAMS, global_F, round=tag, client=cid), global_F)
+            updates, served = self._serve(tag, set(chosen))
+            dropped = set(selected) - set(updates)
+            if len(updates) >= comm.min_clients:
+                return updates, served, dropped
+            excluded |= self._timed_out
+            why = (f"round {rnd}: {len(updates)} of {len(selected)} selected clients survived "
+                   f"(--min-clients {comm.min_clients}; dropped: {_short(sorted(dropped))})")
+            if attempt < comm.round_retries:
+                log.warning("%s; retry %d of %d", why, attempt + 1, comm.round_retries)
+                self._event(rnd, "retry", f"{why}; retry {attempt + 1} of {comm.round_retries}")
+                continue
+            self._event(rnd, "stopped", why)
+            raise RunStopped(f"{why} after {comm.round_retries} retries (--round-retries); the global model of "
+                             f"round {rnd - 1} is in the checkpoint: fix the failing clients or lower "
+                             f"--min-clients, then continue with --resume {self.run_dir or 'RUN_DIR'}")
+        raise AssertionError("unreachable")
+
+    def _aggregate(self, rnd: int, global_F: torch.Tensor, updates: list[tuple[torch.Tensor, int]],
+                   selected: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The new global vector from the surviving updates (client-id order) by ``--aggregator``, or DP-FedAvg."""
+        fed = self.cfg.fed
+        if fed.dp_clip > 0:
+            new_F, stats = dp_fedavg(global_F, [u for u, _ in updates], clip=fed.dp_clip, noise=fed.dp_noise,
+                                     selected=selected, seed=self.cfg.run.seed, rnd=rnd)
+            stats["dp_epsilon"] = dp_epsilon(rnd, noise=fed.dp_noise, sample_rate=selected / self.num_clients,
+                                             delta=fed.dp_delta)
+            return new_F, stats
+        return aggregate(fed.aggregator, global_F, updates, trim=fed.trim_fraction, clip=fed.clip_norm)
+
+    def _event(self, rnd: int, kind: str, text: str) -> None:
+        if self.metrics is not None:
+            self.metrics.event(rnd, kind, text)
+
     # -- serving the body ------------------------------------------------------------
-    def _serve(self, rnd: int, selected: set[int]) -> tuple[dict[int, tuple[torch.Tensor, int]], dict]:
-        """Answer ACTS and GRAD_OUT until every selected client has sent its UPDATE."""
+    def _serve(self, tag: int, selected: set[int]) -> tuple[dict[int, tuple[torch.Tensor, int]], dict]:
+        """Answer ACTS and GRAD_OUT until every selected client has sent its UPDATE or left.
+
+        ``tag``: the header round field of this attempt (:func:`round_tag`).
+        A client leaves when a message of its is refused (:meth:`_check`) or
+        when its host rank has sent nothing for ``--client-timeout`` seconds
+        while it still owed this round something; hosts hear a KEEPALIVE every
+        half timeout so that an idle host never gives up on a server that is
+        waiting for others.
+        """
+        rnd = round_of(tag)
         updates: dict[int, tuple[torch.Tensor, int]] = {}
         self._client_bytes: dict[int, int] = {}
+        self._chosen = set(selected)
+        self._timed_out: set[int] = set()
         active = set(selected)          # clients still in the round
         pending: list[Message] = []
         groups: dict[int, _Group] = {}
         where: dict[tuple[int, int], tuple[int, int]] = {}  # (client, step) -> (group id, member index)
         stat = {"fwd": 0.0, "bwd": 0.0, "wait": 0.0, "passes": 0, "samples": 0}
         next_gid = 0
+        limit = self.cfg.comm.client_timeout
+        heard = {rank: time.monotonic() for rank in self.hosts}  # last message from each host rank
+        next_ping = time.monotonic() + limit / 2
         while active - set(updates):
             missing = sorted(active - set(updates))
+            # sfl-full trains the body: serve one client at a time, in id order; the others' messages wait in MPI.
+            owing = {self.host_of[missing[0]]} if self.sequential else {self.host_of[c] for c in missing}
+            due = min(min(heard[r] for r in owing) + limit, next_ping)
             t0 = time.perf_counter()
-            msg = self.transport.recv(timeout=self.cfg.comm.client_timeout,
-                                      waiting_for=f"round {rnd} messages from clients {_short(missing)}")
+            try:
+                msg = self.transport.recv(self.host_of[missing[0]] if self.sequential else ANY_SOURCE,
+                                          timeout=max(due - time.monotonic(), 0.0), payload_timeout=limit,
+                                          waiting_for=f"round {rnd} messages from clients {_short(missing)}")
+            except PayloadTimeout:
+                raise
+            except TimeoutError:
+                stat["wait"] += time.perf_counter() - t0
+                self._on_timeout(tag, owing, heard, missing, active, pending, groups, where, stat)
+                if time.monotonic() >= next_ping:
+                    for rank in self.hosts:
+                        self.transport.send(rank, header_for(Kind.KEEPALIVE, None, round=tag))
+                    next_ping = time.monotonic() + limit / 2
+                continue
             stat["wait"] += time.perf_counter() - t0
+            if msg.source in heard:
+                heard[msg.source] = time.monotonic()
             h = msg.header
             self._client_bytes[h.client] = self._client_bytes.get(h.client, 0) + HEADER_BYTES + h.nbytes
             try:
-                kind = self._check(msg, rnd, active)
+                kind = self._check(msg, tag, active, where, groups)
+            except _Late as exc:
+                log.warning("round %d: discarded %s from rank %d: %s", rnd, h.describe(), msg.source, exc)
+                self._event(rnd, "late", f"rank {msg.source} {h.describe()}: {exc}")
+                continue
             except ProtocolError as exc:
-                self._reject(msg, rnd, exc, active, groups, where, stat)
+                self._reject(msg, tag, exc, active, groups, where, stat, pending)
                 continue
             if kind == Kind.ACTS:
                 pending.append(msg)
@@ -155,10 +268,11 @@ class Server:
             elif kind == Kind.UPDATE:
                 updates[msg.header.client] = (msg.payload, msg.header.aux)
             # Batch every activation that has already arrived, up to server_batch clients.
-            if pending and (len(pending) >= self.cfg.comm.server_batch or not self.transport.poll()):
-                keep = sum(g.out_BND is not None for g in groups.values()) < self.cfg.comm.max_pending
+            if pending and (self.sequential or len(pending) >= self.cfg.comm.server_batch
+                            or not self.transport.poll()):
+                keep = self.sequential or sum(g.out_BND is not None for g in groups.values()) < self.cfg.comm.max_pending
                 group = self._forward(pending, keep, stat)
-                if any(m.header.aux for m in group.members):
+                if group.out_BND is not None or any(m.header.aux for m in group.members):
                     for i, m in enumerate(group.members):
                         where[(m.header.client, m.header.step)] = (next_gid, i)
                     groups[next_gid] = group
@@ -169,35 +283,71 @@ class Server:
                   "body_batch_mean": stat["samples"] / max(stat["passes"], 1)}
         return updates, served
 
-    def _reject(self, msg: Message, rnd: int, exc: ProtocolError, active: set[int],
-                groups: dict[int, _Group], where: dict, stat: dict) -> None:
-        """Log a refused message; its client (when known) leaves the round and is told so."""
-        h = msg.header
-        log.error("round %d: rejected %s from rank %d: %s", rnd, h.describe(), msg.source, exc)
-        if self.metrics is not None:
-            self.metrics.event(rnd, "rejected", f"rank {msg.source} {h.describe()}: {exc}")
-        if h.client in active and self.host_of.get(h.client) == msg.source:
-            active.discard(h.client)
-            self.transport.send(msg.source, header_for(Kind.REJECT, None, round=rnd, client=h.client, step=h.step))
-            # A batch waiting on this client's gradient goes on without it.
-            for key in [k for k in where if k[0] == h.client]:
-                gid, idx = where.pop(key)
-                group = groups[gid]
-                group.grads[idx] = torch.zeros(group.members[idx].header.shape)
-                if len(group.grads) == len(group.members):
-                    self._backward(groups.pop(gid), active, stat)
+    def _on_timeout(self, tag: int, owing: set[int], heard: dict[int, float], missing: list[int],
+                    active: set[int], pending: list[Message], groups: dict[int, _Group], where: dict,
+                    stat: dict) -> None:
+        """Drop the clients of every host rank that has been silent for ``--client-timeout`` seconds."""
+        rnd, limit, now = round_of(tag), self.cfg.comm.client_timeout, time.monotonic()
+        for rank in sorted(r for r in owing if now - heard[r] >= limit):
+            gone = [c for c in missing if self.host_of[c] == rank]
+            why = f"rank {rank} sent nothing for {limit:g} s (--client-timeout)"
+            log.error("round %d: dropped client(s) %s: %s", rnd, _short(gone), why)
+            for cid in gone:
+                self._event(rnd, "dropped", f"client {cid}: {why}")
+                self._timed_out.add(cid)
+                self._leave(cid, tag, -1, active, groups, where, stat, pending)
 
-    def _check(self, msg: Message, rnd: int, selected: set[int]) -> Kind:
-        """Validate a client message against what this round can accept."""
-        h = msg.header
+    def _reject(self, msg: Message, tag: int, exc: ProtocolError, active: set[int],
+                groups: dict[int, _Group], where: dict, stat: dict, pending: list[Message] | None = None) -> None:
+        """Log a refused message; its client (when known) leaves the round and is told so."""
+        h, rnd = msg.header, round_of(tag)
+        log.error("round %d: rejected %s from rank %d: %s", rnd, h.describe(), msg.source, exc)
+        self._event(rnd, "rejected", f"rank {msg.source} {h.describe()}: {exc}")
+        if h.client in active and self.host_of.get(h.client) == msg.source:
+            self._leave(h.client, tag, h.step, active, groups, where, stat, pending)
+
+    def _leave(self, cid: int, tag: int, step: int, active: set[int], groups: dict[int, _Group], where: dict,
+               stat: dict, pending: list[Message] | None) -> None:
+        """Client ``cid`` leaves the round: its host is told (REJECT), nothing of it is served any more."""
+        active.discard(cid)
+        self.transport.send(self.host_of[cid], header_for(Kind.REJECT, None, round=tag, client=cid, step=step))
+        if pending is not None:
+            pending[:] = [m for m in pending if m.header.client != cid]
+        # A batch waiting on this client's gradient goes on without it.
+        for key in [k for k in where if k[0] == cid]:
+            gid, idx = where.pop(key)
+            group = groups[gid]
+            group.grads[idx] = torch.zeros(group.members[idx].header.shape)
+            if len(group.grads) == len(group.members):
+                self._backward(groups.pop(gid), active, stat)
+
+    def _check(self, msg: Message, tag: int, selected: set[int], where: dict | None = None,
+               groups: dict[int, _Group] | None = None) -> Kind:
+        """Validate a client message against what this round attempt (``tag``) can accept.
+
+        Checks kind, round, client/rank pairing, shape (the size limit: a
+        batch of at most ``--batch-size`` samples, or exactly the trainable
+        vector), dtype, the gradient's match with the activations it answers,
+        and finiteness. Raises :class:`_Late` for a straggler's message of an
+        earlier round or attempt (or of a client that already left), which is
+        discarded without penalty, and ProtocolError for anything malformed.
+        """
+        h, rnd = msg.header, round_of(tag)
         if h.kind == Kind.ERROR:
             raise RuntimeError(f"rank {msg.source} failed during round {rnd}")
         if h.kind not in (Kind.ACTS, Kind.GRAD_OUT, Kind.UPDATE):
             raise ProtocolError(f"unexpected message kind {h.kind.label}")
-        if h.round != rnd:
-            raise ProtocolError(f"message for round {h.round} during round {rnd}")
-        if h.client not in selected or self.host_of.get(h.client) != msg.source:
-            raise ProtocolError(f"client {h.client} is not a selected client of rank {msg.source}")
+        if h.round != tag:
+            if _attempt_key(h.round) < _attempt_key(tag):
+                attempt = h.round // ROUND_ATTEMPT_STRIDE
+                raise _Late(f"late message of round {round_of(h.round)}" + (f" attempt {attempt}" if attempt else ""))
+            raise ProtocolError(f"message for round {round_of(h.round)} during round {rnd}")
+        if self.host_of.get(h.client) != msg.source:
+            raise ProtocolError(f"client {h.client} is not a client of rank {msg.source}")
+        if h.client not in selected:
+            if h.client in getattr(self, "_chosen", set()):
+                raise _Late(f"client {h.client} already left round {rnd}")
+            raise ProtocolError(f"client {h.client} is not selected in round {rnd}")
         if h.kind == Kind.UPDATE:
             expect(h, Kind.UPDATE, shape=(self.layout.numel,), dtype=torch.float32)
             if h.aux <= 0:
@@ -206,7 +356,16 @@ class Server:
             n, d = self.model.tokens, self.model.width
             if h.shape is None or len(h.shape) != 3 or h.shape[1:] != (n, d) or h.shape[0] < 1:
                 raise ProtocolError(f"expected shape (B, {n}, {d})")
+            if h.shape[0] > self.cfg.fed.batch_size:
+                raise ProtocolError(f"batch of {h.shape[0]} exceeds --batch-size {self.cfg.fed.batch_size}")
             expect(h, h.kind, dtype=self.wire)
+            if h.kind == Kind.GRAD_OUT and where is not None and groups is not None:
+                if (h.client, h.step) not in where:
+                    raise ProtocolError(f"gradient for step {h.step}, which has no body output awaiting it")
+                gid, idx = where[(h.client, h.step)]
+                if groups[gid].members[idx].header.shape != h.shape:
+                    raise ProtocolError(f"gradient shape differs from step {h.step}'s activations "
+                                        f"{groups[gid].members[idx].header.shape}")
         if not bool(torch.isfinite(msg.payload).all()):
             raise ProtocolError("tensor holds NaN or Inf")
         return h.kind
@@ -214,7 +373,7 @@ class Server:
     def _forward(self, members: list[Message], keep_graph: bool, stat: dict) -> _Group:
         t0 = time.perf_counter()
         acts_BND = torch.cat([m.payload for m in members]).to(self.device, torch.float32)
-        need_grad = keep_graph and any(m.header.aux for m in members)
+        need_grad = keep_graph and (any(m.header.aux for m in members) or self.body_opt is not None)
         with torch.set_grad_enabled(need_grad):
             leaf = acts_BND.requires_grad_(need_grad)
             out_BND = self.model.body(leaf)
@@ -239,7 +398,7 @@ class Server:
                 out_BND = self.model.body(leaf)
         else:
             leaf, out_BND = group.acts_BND, group.out_BND
-        (g_BND,) = torch.autograd.grad(out_BND, leaf, grad_BND)
+        g_BND = self._body_backward(out_BND, leaf, grad_BND)
         offset = 0
         for m in group.members:
             b = m.header.shape[0]
@@ -249,6 +408,19 @@ class Server:
                                                          client=m.header.client, step=m.header.step), piece)
             offset += b
         stat["bwd"] += time.perf_counter() - t0
+
+    def _body_backward(self, out_BND: torch.Tensor, leaf: torch.Tensor, grad_BND: torch.Tensor) -> torch.Tensor:
+        """dL/dacts for the clients; with a server-trained body (sfl-full) also one optimiser
+        step on the body, taken after the clients' gradient was computed with the old weights."""
+        if self.body_opt is None:
+            (g_BND,) = torch.autograd.grad(out_BND, leaf, grad_BND)
+            return g_BND
+        grads = torch.autograd.grad(out_BND, [leaf, *self._body_params], grad_BND)
+        for p, g in zip(self._body_params, grads[1:]):
+            p.grad = g
+        self.body_opt.step()
+        self.body_opt.zero_grad(set_to_none=True)
+        return grads[0]
 
     # -- evaluation ---------------------------------------------------------------------
     @torch.no_grad()

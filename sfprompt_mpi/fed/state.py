@@ -13,6 +13,9 @@ import torch
 
 from ..config import Config
 from ..model.split import PromptedViT
+from .algos import algo_of
+
+_CLASSIFIER = "vit.head."  # timm's classifier; fc_norm and the final norm belong to the tail
 
 
 def derive_seed(base: int, *parts: int) -> int:
@@ -21,11 +24,37 @@ def derive_seed(base: int, *parts: int) -> int:
 
 
 def trainable_names(model: PromptedViT, cfg: Config) -> list[str]:
-    """Names of the parameters that clients train and the server aggregates (SFPrompt: prompts + tail)."""
-    parts = ("head", "tail") if cfg.model.train_head else ("tail",)
-    names = set(model.names_in(*parts)) | {n for n in model.names_in("head") if n.startswith("prompts.")}
-    order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
-    return sorted(set(names), key=order.__getitem__)
+    """Names of the parameters that clients train and the server aggregates, in model order.
+
+    sfprompt: prompts + tail (+ head with ``model.train_head``); sfl-full: head + tail
+    (the server trains the body itself, see :func:`server_trained_names`); fl-full: all;
+    *-linear: the classifier; fedpeft-*: prompts, biases or adapters, plus the classifier.
+    """
+    trains = algo_of(cfg).trains
+    all_names = [n for n, _ in model.named_parameters()]
+    classifier = {n for n in all_names if n.startswith(_CLASSIFIER)}
+    prompts = {n for n in all_names if n.startswith("prompts.")}
+    if trains == "prompts+tail":
+        parts = ("head", "tail") if cfg.model.train_head else ("tail",)
+        names = set(model.names_in(*parts)) | prompts
+    elif trains == "all":
+        names = set(model.names_in("head", "tail")) if algo_of(cfg).split else set(all_names)
+    elif trains == "classifier":
+        names = classifier
+    elif trains == "prompts+classifier":
+        names = prompts | classifier
+    elif trains == "bias":
+        names = {n for n in all_names if n.endswith(".bias")} | classifier
+    elif trains == "adapter":
+        names = {n for n in all_names if ".adapter." in n} | classifier
+    else:
+        raise ValueError(f"unknown training set {trains!r}")
+    return [n for n in all_names if n in names]
+
+
+def server_trained_names(model: PromptedViT, cfg: Config) -> list[str]:
+    """Parameters the server itself trains (sfl-full: the body); empty for every other algorithm."""
+    return model.names_in("body") if algo_of(cfg).server_trains_body else []
 
 
 class Layout:

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..comm.protocol import HEADER_BYTES
 from ..config import Config
+from ..fed.algos import algo_of, build_run_model, prompt_len, uses_sfprompt_phases
 from ..fed.pruning import keep_count
 
 WIRE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -34,13 +35,14 @@ def batch_sizes(n: int, batch_size: int) -> list[int]:
 
 
 def kept_count(shard: int, cfg: Config) -> int:
-    """Samples of a ``shard``-sample client that EL2N pruning keeps for split training."""
-    return keep_count(shard, cfg.fed.keep_ratio) if cfg.fed.keep_ratio < 1 else shard
+    """Samples of a ``shard``-sample client that EL2N pruning keeps for training (SFPrompt only)."""
+    _, ratio = uses_sfprompt_phases(cfg)
+    return keep_count(shard, ratio) if ratio < 1 else shard
 
 
 def client_round_bytes(shard: int, cfg: Config, *, tokens: int, width: int, flat: int,
                        need_grad: bool) -> dict[str, dict[str, int]]:
-    """Bytes one SFPrompt client sends ('up') and receives ('down') in one round, per message kind.
+    """Bytes one client sends ('up') and receives ('down') in one round, per message kind.
 
     ``shard`` is the client's local sample count, ``flat`` the trainable vector length F.
     START (shared by the clients of one host) is counted by :func:`round_bytes`. Kinds that
@@ -52,7 +54,7 @@ def client_round_bytes(shard: int, cfg: Config, *, tokens: int, width: int, flat
     act = sum(HEADER_BYTES + b * tokens * width * wire for b in batches)
     up = {"update": HEADER_BYTES + FLOAT32_BYTES * flat}
     down = {"params": HEADER_BYTES + FLOAT32_BYTES * flat}
-    if batches:
+    if batches and algo_of(cfg).split:
         up["acts"] = down["body_out"] = act
         if need_grad:
             up["grad_out"] = down["grad_acts"] = act
@@ -87,23 +89,22 @@ def fedavg_client_round_bytes(numel: int) -> dict[str, dict[str, int]]:
 
 
 def build_meta_model(cfg: Config, num_classes: int):
-    """-> (PromptedViT on the meta device with exactly the run's parameters trainable, its Layout)."""
-    from ..fed.state import Layout, trainable_names
-    from ..model.split import PromptedViT, freeze_except
-    from ..model.vit import build_backbone
+    """-> (the run's model on the meta device with exactly its client-trained parameters trainable, its Layout)."""
+    from ..fed.state import Layout, server_trained_names, trainable_names
+    from ..model.split import freeze_except
 
-    with torch.device("meta"):
-        vit = build_backbone(cfg.model, num_classes, meta=True)
-        model = PromptedViT(vit, cfg.model.head_blocks, cfg.model.tail_blocks, cfg.model.prompt_len,
-                            cfg.model.prompt_depth)
+    model = build_run_model(cfg, num_classes, meta=True)
     layout = Layout(model, trainable_names(model, cfg))
-    freeze_except(model, set(layout.names))
+    freeze_except(model, set(layout.names) | set(server_trained_names(model, cfg)))
     return model, layout
 
 
 def needs_grad(cfg: Config) -> bool:
     """Whether split training sends gradients back (GRAD_OUT, GRAD_ACTS): something before the cut trains."""
-    return cfg.model.prompt_len > 0 or cfg.model.train_head
+    trains = algo_of(cfg).trains
+    if trains == "prompts+tail":
+        return prompt_len(cfg) > 0 or cfg.model.train_head
+    return trains == "all"
 
 
 def part_sizes(model) -> dict[str, int]:
@@ -131,6 +132,8 @@ class PassFlops:
     local_bwd: int
     full_fwd: int
     full_bwd: int
+    model_fwd: int = 0   # the run's whole model with its own trainable set (non-split algorithms)
+    model_bwd: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -184,7 +187,7 @@ def count_pass_flops(model, full: nn.Module, *, batch: int = 2) -> PassFlops:
     if need_grad:
         with m("head_bwd"):
             acts_BND.backward(g_BND)
-    for name, net in (("local", model.local_forward), ("full", full)):
+    for name, net in (("local", model.local_forward), ("full", full), ("model", model)):
         with m(f"{name}_fwd"):
             loss = F.cross_entropy(net(images_BCHW), labels_B)
         if loss.requires_grad:
@@ -195,18 +198,26 @@ def count_pass_flops(model, full: nn.Module, *, batch: int = 2) -> PassFlops:
 
 
 def client_round_flops(shard: int, cfg: Config, f: PassFlops) -> dict[str, int]:
-    """FLOPs one SFPrompt client of ``shard`` samples spends in one round, per phase:
-    'local' (local-loss epochs, fwd+bwd head->tail over all samples), 'el2n' (scoring, fwd over
-    all samples; none when keep_ratio is 1) and 'split' (head and tail fwd+bwd over the kept ones)."""
+    """FLOPs one client of ``shard`` samples spends in one round, per phase.
+
+    Split algorithms: 'local' (SFPrompt's local-loss epochs, fwd+bwd head->tail over all
+    samples), 'el2n' (scoring, fwd over all samples; none when nothing is pruned) and 'split'
+    (head and tail fwd+bwd over the kept ones). The others: 'train' (the whole model, fwd+bwd
+    with the algorithm's trainable set, ``split_epochs`` epochs over all samples)."""
     fed = cfg.fed
-    local = fed.local_epochs * shard * (f.local_fwd + f.local_bwd) if fed.local_loss else 0
-    el2n = shard * f.local_fwd if fed.keep_ratio < 1 else 0
+    if not algo_of(cfg).split:
+        return {"train": fed.split_epochs * shard * (f.model_fwd + f.model_bwd)}
+    local_on, ratio = uses_sfprompt_phases(cfg)
+    local = fed.local_epochs * shard * (f.local_fwd + f.local_bwd) if local_on else 0
+    el2n = shard * f.local_fwd if ratio < 1 else 0
     split = fed.split_epochs * kept_count(shard, cfg) * (f.head_fwd + f.head_bwd + f.tail_fwd + f.tail_bwd)
     return {"local": local, "el2n": el2n, "split": split}
 
 
 def server_round_flops(shard: int, cfg: Config, f: PassFlops) -> int:
     """FLOPs the server spends on one such client in one round: body fwd (+bwd) over its kept samples."""
+    if not algo_of(cfg).split:
+        return 0
     return cfg.fed.split_epochs * kept_count(shard, cfg) * (f.body_fwd + f.body_bwd)
 
 

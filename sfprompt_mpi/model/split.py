@@ -25,6 +25,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..config import ModelConfig
 from ..errors import UserError
+from .adapters import add_adapters
 from .prompts import SoftPrompts
 from .vit import build_backbone
 
@@ -138,14 +139,29 @@ class PromptedViT(nn.Module):
         return self.vit.embed_dim
 
 
-def build_model(cfg: ModelConfig, num_classes: int, seed: int, *, quiet: bool = False) -> PromptedViT:
-    """The full prompted model, identical on every rank for a given seed."""
-    if cfg.prompt_len < 0:
-        raise UserError(f"model.prompt_len must be >= 0, got {cfg.prompt_len}")
+def build_model(cfg: ModelConfig, num_classes: int, seed: int, *, quiet: bool = False,
+                prompt_len: int | None = None, adapters: bool = False, meta: bool = False) -> PromptedViT:
+    """The full model, identical on every rank for a given seed.
+
+    ``prompt_len`` overrides ``cfg.prompt_len`` (0 for algorithms without
+    prompts); ``adapters`` adds FedPEFT's bottleneck adapters; ``meta``
+    builds shapes only (for cost accounting)."""
+    prompt_len = cfg.prompt_len if prompt_len is None else prompt_len
+    if prompt_len < 0:
+        raise UserError(f"model.prompt_len must be >= 0, got {prompt_len}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vit = build_backbone(cfg, num_classes, quiet=quiet)
-        return PromptedViT(vit, cfg.head_blocks, cfg.tail_blocks, cfg.prompt_len, cfg.prompt_depth)
+        if meta:
+            with torch.device("meta"):
+                vit = build_backbone(cfg, num_classes, meta=True)
+                model = PromptedViT(vit, cfg.head_blocks, cfg.tail_blocks, prompt_len, cfg.prompt_depth)
+        else:
+            vit = build_backbone(cfg, num_classes, quiet=quiet)
+            model = PromptedViT(vit, cfg.head_blocks, cfg.tail_blocks, prompt_len, cfg.prompt_depth)
+        if adapters:
+            with torch.device("meta" if meta else "cpu"):
+                add_adapters(vit, cfg.adapter_dim)
+        return model
 
 
 def apply_client_cut(model: PromptedViT) -> PromptedViT:

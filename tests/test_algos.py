@@ -1,0 +1,130 @@
+"""Every algorithm on the same runtime: single process and 3 MPI ranks agree, and each
+trains exactly what it claims (issue: baselines and ablations).
+
+- all eight ``--algo`` values run 2 rounds in one process and under ``mpiexec -n 3``
+  (``tests/mpi/all_algos.py``, one launch each), with bitwise equal final parameters
+  (``--server-batch 1``; sfl-full serves clients in id order, so it is deterministic too);
+- fl-full moves exactly all of the model's parameters each way per client per round;
+- fedpeft-bias changes only biases and the classifier, on the server and on the client;
+- sfl-full changes the body's weights, sfprompt never does;
+- every algorithm writes the same HDF5 layout and is covered by the cost accounting.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sfprompt_mpi.comm.protocol import HEADER_BYTES
+from sfprompt_mpi.config import ALGOS, build_config, parse_config
+from sfprompt_mpi.cost import algorithm_costs
+from sfprompt_mpi.data.datasets import build_data
+from sfprompt_mpi.fed.algos import build_run_model
+from sfprompt_mpi.fed.state import Layout, trainable_names
+from sfprompt_mpi.metrics.h5 import read_metrics
+from sfprompt_mpi.model.split import freeze_except
+from sfprompt_mpi.runtime import run_reference
+
+import run_helpers as helpers  # tests/mpi, put on sys.path by tests/conftest.py
+
+FLAGS = ["--clients", "4", "--rounds", "2", "--max-train-samples", "160", "--max-test-samples", "60",
+         "--threads", "1", "--batch-size", "16", "--seed", "5", "--server-batch", "1"]
+SCRIPT = str(Path(helpers.__file__).with_name("all_algos.py"))
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("algos")
+    single = helpers.launch([str(base / "single"), *FLAGS], script=[SCRIPT], timeout=300)
+    assert single.returncode == 0, single.report()
+    mpi = helpers.launch([str(base / "mpi"), *FLAGS], ranks=3, script=[SCRIPT], timeout=300)
+    assert mpi.returncode == 0, mpi.report()
+    return base / "single", base / "mpi"
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_every_algorithm_gives_the_same_parameters_in_one_process_and_on_3_ranks(both, algo):
+    single, mpi = (load_file(str(b / algo / "checkpoint" / "global.safetensors")) for b in both)
+
+    assert sorted(single) == sorted(mpi)
+    differ = [k for k in single if not torch.equal(single[k], mpi[k])]
+    assert not differ, f"{algo}: {len(differ)} tensors differ between 1 process and 3 ranks"
+    m = read_metrics(both[1] / algo / "metrics" / "rank00000.h5")
+    assert list(m["test_acc"][0]) == [1, 2]
+    assert all((both[1] / algo / "metrics" / f"rank{r:05d}.h5").is_file() for r in range(3))
+
+
+def test_fl_full_moves_exactly_every_parameter_each_way_per_client_and_round(both):
+    cfg = parse_config(FLAGS + ["--algo", "fl-full"])
+    model = build_run_model(cfg, 10, meta=True)
+    numel = sum(p.numel() for p in model.parameters())
+    one = HEADER_BYTES + 4 * numel
+    m = read_metrics(both[1] / "fl-full" / "metrics" / "rank00000.h5")
+
+    assert list(m["bytes_recv/update"][1]) == [4 * one, 4 * one]
+    assert list(m["bytes_sent/params"][1]) == [4 * one, 4 * one]
+    assert "bytes_recv/acts" not in m and "bytes_sent/body_out" not in m
+
+
+def _reference(tmp_path, algo: str):
+    cfg = build_config({"fed": {"algo": algo, "clients": 2, "rounds": 1, "batch_size": 16},
+                        "data": {"max_train_samples": 64, "max_test_samples": 20}})
+    data = build_data(cfg.data, 32, cfg.run.seed)
+    model = build_run_model(cfg, data.num_classes, quiet=True)
+    layout = Layout(model, trainable_names(model, cfg))
+    freeze_except(model, set(layout.names))
+    before = copy.deepcopy(model)
+    server, host = run_reference(cfg, model, layout, data, {1: [0, 1]}, tmp_path / algo)
+    return before, server, host
+
+
+def _changed(before: torch.nn.Module, after: torch.nn.Module) -> set[str]:
+    now = dict(after.named_parameters())
+    return {n for n, p in before.named_parameters() if n in now and not torch.equal(p, now[n])}
+
+
+def test_fedpeft_bias_changes_only_biases_and_the_classifier(tmp_path):
+    before, server, host = _reference(tmp_path, "fedpeft-bias")
+
+    for who, model in (("server", server.model), ("client", host.model)):
+        changed = _changed(before, model)
+        assert changed, f"{who}: nothing trained"
+        assert all(n.endswith(".bias") or n.startswith("vit.head.") for n in changed), (who, sorted(changed))
+    assert any(n.startswith("vit.blocks.") for n in _changed(before, server.model))
+
+
+def test_sfl_full_trains_the_body_and_sfprompt_never_does(tmp_path):
+    before, server, _ = _reference(tmp_path, "sfl-full")
+    body = set(server.model.names_in("body"))
+    assert body & _changed(before, server.model), "sfl-full left the body unchanged"
+    saved = load_file(str(tmp_path / "sfl-full" / "checkpoint" / "global.safetensors"))
+    assert body <= set(saved), "the checkpoint must hold the server-trained body for --resume"
+
+    before, server, _ = _reference(tmp_path, "sfprompt")
+    assert not body & _changed(before, server.model)
+    assert _changed(before, server.model), "sfprompt trained nothing"
+
+
+def test_adapters_start_as_the_identity_and_keep_timm_names():
+    cfg = build_config({"fed": {"algo": "fedpeft-adapter"}})
+    plain = build_run_model(build_config({"fed": {"algo": "fl-full"}}), 10, quiet=True)
+    adapted = build_run_model(cfg, 10, quiet=True)
+    x = torch.randn(2, 3, 32, 32)
+
+    torch.testing.assert_close(adapted(x), plain(x), rtol=0, atol=0)
+    assert set(dict(plain.named_parameters())) < set(dict(adapted.named_parameters()))
+    assert all(".adapter." in n or n.startswith("vit.head.") for n in trainable_names(adapted, cfg))
+
+
+def test_cost_accounting_covers_every_algorithm():
+    cfg = build_config({})
+    rows = algorithm_costs(cfg, shard=100, classes=10)
+
+    assert list(rows) == list(ALGOS)
+    assert rows["fl-linear"]["exchanged_params"] == 64 * 10 + 10
+    assert rows["fl-full"]["server_flops_per_sample"] == 0 < rows["sfprompt"]["server_flops_per_sample"]
+    assert rows["sfl-linear"]["bytes_per_client_round"] > rows["fl-linear"]["bytes_per_client_round"]
