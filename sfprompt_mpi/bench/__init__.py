@@ -1,0 +1,12 @@
+"""Benchmarks: each suite measures the project against a limit in the same run.
+
+    python -m sfprompt_mpi.bench transport [--json OUT]   # starts mpiexec -n 2 itself
+    python -m sfprompt_mpi.bench server
+    python -m sfprompt_mpi.bench round                    # reference run + mpiexec -n 3 run
+    python -m sfprompt_mpi.bench scale --clients 50,500,5000
+    python -m sfprompt_mpi.bench wire
+
+Every suite prints a table, then its key ratio as the last line, and with
+``--json OUT`` writes the rows, the key ratio and the machine as JSON. Results
+and commands: ``docs/benchmarks.md``.
+"""
