@@ -180,7 +180,7 @@ def summarize(run: Run, rows: list[dict[str, Any]]) -> dict[str, Any]:
     # The server logs round_s every round but test_acc only every eval_every rounds.
     done = [r["round"] for r in rows if "round_s" in r] or [r for r, _ in acc] \
         or [r["round"] for r in rows]
-    s: dict[str, Any] = {"run": run.label, "path": str(run.path),
+    s: dict[str, Any] = {"run": run.label, "path": str(run.path), "algo": _algo(run.path),
                          "rounds_completed": len(done),
                          "last_round": done[-1] if done else None}
     if acc:
@@ -215,7 +215,16 @@ def summarize(run: Run, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return s
 
 
-TABLE = [("final accuracy", "final_acc", "{:.4f}"), ("best accuracy", "best_acc", "{:.4f}"),
+def _algo(path: Path) -> str | None:
+    """The run's ``fed.algo`` from its config.toml (None if unreadable)."""
+    import tomllib
+    try:
+        return str(tomllib.loads((path / "config.toml").read_text()).get("fed", {}).get("algo", "sfprompt"))
+    except (OSError, ValueError):
+        return None
+
+
+TABLE = [("algorithm", "algo", "{}"), ("final accuracy", "final_acc", "{:.4f}"), ("best accuracy", "best_acc", "{:.4f}"),
          ("best round", "best_round", "{}"), ("rounds completed", "rounds_completed", "{}"),
          ("last round", "last_round", "{}"), ("final test loss", "final_loss", "{:.4f}"),
          ("wall time [s]", "wall_s", "{:.1f}"), ("mean round [s]", "mean_round_s", "{:.2f}")] + \

@@ -128,3 +128,29 @@ def test_cost_accounting_covers_every_algorithm():
     assert rows["fl-linear"]["exchanged_params"] == 64 * 10 + 10
     assert rows["fl-full"]["server_flops_per_sample"] == 0 < rows["sfprompt"]["server_flops_per_sample"]
     assert rows["sfl-linear"]["bytes_per_client_round"] > rows["fl-linear"]["bytes_per_client_round"]
+
+
+def test_table_runs_each_algorithm_and_the_two_linear_probes_agree(tmp_path, capsys):
+    from sfprompt_mpi.table import main
+
+    code = main(["--algos", "fl-linear,sfl-linear", "--rounds", "1", "--out", str(tmp_path / "t"),
+                 "--json", str(tmp_path / "t.json"), "--", "--max-train-samples", "96", "--max-test-samples", "40",
+                 "--threads", "1", "--clients", "2"])
+
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "not the paper's setting" in table and "| fl-linear |" in table and "| sfl-linear |" in table
+    rows = {r["algo"]: r for r in __import__("json").loads((tmp_path / "t.json").read_text())}
+    # The same frozen backbone and classifier, trained on the same batches: split or not, the same numbers.
+    a, b = (load_file(str(tmp_path / "t" / n / "checkpoint" / "global.safetensors")) for n in ("fl-linear", "sfl-linear"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert rows["fl-linear"]["final_acc"] == rows["sfl-linear"]["final_acc"]
+    assert rows["sfl-linear"]["mb_per_client_round"] > rows["fl-linear"]["mb_per_client_round"]
+
+
+def test_table_refuses_an_unknown_algorithm_with_one_line(capsys):
+    from sfprompt_mpi.table import main
+
+    assert main(["--algos", "fedsgd"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: unknown algorithm fedsgd in --algos (known: " + ", ".join(ALGOS) + ")"]
