@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, config_from_dict, load_toml, parse_config, build_parser, FIELDS
-from .errors import EXIT_USER_ERROR, UserError
+from .errors import EXIT_RUN_STOPPED, EXIT_USER_ERROR, RunStopped, UserError
 
 log = logging.getLogger("sfprompt_mpi")
 
@@ -172,6 +172,12 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         if world.rank == 0:
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunStopped as exc:  # e.g. too few clients survived a round: one line, no traceback
+        sys.stderr.write(f"[r{world.rank:02d}] stopped: {exc}\n")
+        sys.stderr.flush()
+        if not world.single:
+            world.comm.Abort(EXIT_RUN_STOPPED)  # a dropped rank may still be busy: end it too
+        return EXIT_RUN_STOPPED
     except KeyboardInterrupt:
         print(f"[r{world.rank:02d}] interrupted", file=sys.stderr)
         return 130

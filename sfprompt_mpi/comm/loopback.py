@@ -62,7 +62,8 @@ class LoopbackTransport:
                 return item
         return None
 
-    def recv(self, source: int = ANY_SOURCE, *, timeout: float, waiting_for: str = "a message") -> Message:
+    def recv(self, source: int = ANY_SOURCE, *, timeout: float, waiting_for: str = "a message",
+             payload_timeout: float | None = None) -> Message:  # a payload arrives with its header here
         deadline = time.monotonic() + timeout
         with self.hub._cond:
             while True:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .protocol import (ANY_SOURCE, HEADER_LEN, ByteCounter, Header, Message, ProtocolError,
+from .protocol import (ANY_SOURCE, HEADER_LEN, ByteCounter, Header, Message, PayloadTimeout, ProtocolError,
                        pack_header, unpack_header)
 
 HEADER_TAG = 0x5346  # distinct tags keep a header probe from ever matching a payload
@@ -305,10 +305,12 @@ class MPITransport:
 
     # ----------------------------------------------------------------- recv
 
-    def recv(self, source: int = ANY_SOURCE, *, timeout: float, waiting_for: str = "a message") -> Message:
+    def recv(self, source: int = ANY_SOURCE, *, timeout: float, waiting_for: str = "a message",
+             payload_timeout: float | None = None) -> Message:
         """The next message from ``source`` (or any rank); ``TimeoutError`` after ``timeout`` s.
 
-        The payload gets its own ``timeout`` from the moment its header arrived.
+        The payload gets its own ``payload_timeout`` (default ``timeout``) from
+        the moment its header arrived, then :class:`PayloadTimeout`.
         """
         self._check_open()
         self._reap()
@@ -335,13 +337,14 @@ class MPITransport:
             if 0 in header.shape:
                 payload = torch.empty(header.shape, dtype=header.dtype, device=self.device)
             else:
-                payload = self._recv_payload(src, header, timeout, waiting_for)
+                payload = self._recv_payload(src, header, timeout if payload_timeout is None else payload_timeout,
+                                             waiting_for)
         self.counter.count_recv(src, header)
         return Message(src, header, payload)
 
-    def _payload_timeout(self, src: int, header: Header, timeout: float, waiting_for: str) -> TimeoutError:
-        return TimeoutError(f"rank {self.rank}: the header of {header.describe()} from rank {src} arrived but "
-                            f"its payload did not within {timeout:g} s while waiting for {waiting_for}")
+    def _payload_timeout(self, src: int, header: Header, timeout: float, waiting_for: str) -> PayloadTimeout:
+        return PayloadTimeout(f"rank {self.rank}: the header of {header.describe()} from rank {src} arrived but "
+                              f"its payload did not within {timeout:g} s while waiting for {waiting_for}")
 
     def _recv_payload(self, src: int, header: Header, timeout: float, waiting_for: str) -> torch.Tensor:
         deadline = time.monotonic() + timeout

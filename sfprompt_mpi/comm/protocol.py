@@ -43,10 +43,27 @@ class Kind(enum.IntEnum):
     REJECT = 8       # server -> host: the client's message was refused; it leaves this round
     STOP = 9         # server -> host: no more rounds
     ERROR = 10       # any -> any: the sender failed; aux = sender's rank
+    KEEPALIVE = 11   # server -> host: still alive, busy with other clients (restarts the host's wait)
 
     @property
     def label(self) -> str:
         return self.name.lower()
+
+
+#: A retried round's messages carry ``round + attempt * ROUND_ATTEMPT_STRIDE`` in the
+#: header's round field (its *tag*), so a straggler's message from an earlier
+#: attempt is recognised and discarded. The first attempt's tag is the round itself.
+ROUND_ATTEMPT_STRIDE = 1 << 32
+
+
+def round_tag(rnd: int, attempt: int = 0) -> int:
+    """The header round field of ``attempt`` (0: the first) of round ``rnd``."""
+    return rnd + attempt * ROUND_ATTEMPT_STRIDE
+
+
+def round_of(tag: int) -> int:
+    """The round a header round field (a :func:`round_tag`) belongs to."""
+    return tag % ROUND_ATTEMPT_STRIDE
 
 
 DTYPES: dict[int, torch.dtype] = {
@@ -58,6 +75,13 @@ DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 
 class ProtocolError(Exception):
     """A received message is malformed or not what the receiver expected."""
+
+
+class PayloadTimeout(TimeoutError):
+    """A header arrived but its payload did not: the channel to that rank is broken.
+
+    Unlike a plain ``TimeoutError`` (nothing arrived), this one cannot be
+    survived by dropping the sender: the payload may still land later."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +207,9 @@ class Transport(Protocol):
     ``send`` never blocks on the receiver (sends complete in the background;
     ``close`` waits for them). ``recv`` returns the next message from
     ``source`` (or any rank) and raises ``TimeoutError`` naming what it waited
-    for when nothing arrives within ``timeout`` seconds.
+    for when nothing arrives within ``timeout`` seconds; once a header has
+    arrived its payload gets ``payload_timeout`` seconds (default: ``timeout``)
+    before :class:`PayloadTimeout`.
     """
 
     rank: int
@@ -192,7 +218,8 @@ class Transport(Protocol):
 
     def send(self, dest: int, header: Header, payload: torch.Tensor | None = None) -> None: ...
 
-    def recv(self, source: int = ANY_SOURCE, *, timeout: float, waiting_for: str = "a message") -> Message: ...
+    def recv(self, source: int = ANY_SOURCE, *, timeout: float, waiting_for: str = "a message",
+             payload_timeout: float | None = None) -> Message: ...
 
     def poll(self, source: int = ANY_SOURCE) -> bool: ...
 
