@@ -36,7 +36,23 @@ def _fails_with_one_line(capsys, argv: list[str], needle: str) -> str:
     (["--rounds", "many"], "invalid int value"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "pass --download"),
     (["--config", "/nonexistent.toml"], "does not exist"),
-    (["--algo", "fl-full"], "not implemented"),
+    # unknown flags and bad values of the fault, aggregation and privacy options
+    (["--roundz", "3"], "unrecognized arguments: --roundz"),
+    (["--client-timeout", "0"], "client_timeout must be > 0"),
+    (["--min-clients", "0"], "min_clients must be >= 1"),
+    (["--min-clients", "5"], "--min-clients 5 exceeds the 4 clients selected per round"),
+    (["--clients", "4", "--fraction", "0.5", "--min-clients", "3"], "exceeds the 2 clients selected"),
+    (["--round-retries", "-1"], "round_retries must be >= 0"),
+    (["--aggregator", "mean"], "invalid choice: 'mean'"),
+    (["--trim-fraction", "0.5"], "trim_fraction must be in [0, 0.5)"),
+    (["--clip-norm", "-1"], "clip_norm must be a finite number >= 0"),
+    (["--dp-noise", "1.0"], "dp_noise needs fed.dp_clip > 0"),
+    (["--dp-clip", "1.0", "--aggregator", "median"], "drop --aggregator median or --dp-clip"),
+    (["--dp-delta", "1.5"], "dp_delta must be in (0, 1)"),
+    (["--inject-fault", "hang@rank:1"], "must look like KIND@rank:R,round:K"),
+    (["--inject-fault", "melt@rank:1,round:1"], "kind 'melt' is not one of"),
+    # a transport between ranks in a one-process run
+    (["--transport", "gloo"], "--transport gloo carries tensors between MPI ranks but this run has one process"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, tmp_path, argv: list[str], needle: str) -> None:
     run_dir = tmp_path / "run"
@@ -93,3 +109,44 @@ def test_the_real_cli_prints_one_line_and_exits_2(tmp_path) -> None:
                            str(tmp_path / "r")], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: fed.keep_ratio must be in (0, 1], got 2.0"]
+
+
+def test_config_file_mistakes_exit_2_naming_the_key(capsys, tmp_path) -> None:
+    bad = tmp_path / "bad.toml"
+    for text, needle in [("[fed]\nroundz = 4\n", "unknown config key fed.roundz"),
+                         ('[fed]\nrounds = "three"\n', "fed.rounds must be int, got str"),
+                         ("[comm]\nmin_clients = 1.5\n", "comm.min_clients must be int, got float"),
+                         ('[fed]\naggregator = "krum"\n', "fed.aggregator must be one of"),
+                         ("[fedd]\nrounds = 3\n", "unknown config section [fedd]"),
+                         ("[fed\nrounds = 3\n", "is not valid TOML")]:
+        bad.write_text(text)
+        run_dir = tmp_path / "never"
+        _fails_with_one_line(capsys, ["--config", str(bad), "--run-dir", str(run_dir)], needle)
+        assert not run_dir.exists()
+
+
+def test_unwritable_run_directory_exits_2(capsys, tmp_path) -> None:
+    # A file where a directory must go: unwritable even for root, whom os.access waves through.
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a directory")
+    _fails_with_one_line(capsys, TINY + ["--run-dir", str(blocker / "run")], "cannot be created")
+    assert blocker.read_text() == "not a directory"
+    if os.geteuid() != 0:  # root may write into a mode-500 directory; the case above covers root
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            _fails_with_one_line(capsys, TINY + ["--run-dir", str(ro / "run")], "is not writable")
+        finally:
+            ro.chmod(0o700)
+        assert list(ro.iterdir()) == []
+
+
+def test_unreadable_or_missing_checkpoint_is_refused(capsys, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    assert main(TINY + ["--run-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    (run_dir / "checkpoint" / "state.json").write_text('{"round": 1, "sha')  # torn JSON
+    _fails_with_one_line(capsys, ["--resume", str(run_dir), "--rounds", "2"], "corrupt")
+    (run_dir / "checkpoint" / "global.safetensors").unlink()
+    _fails_with_one_line(capsys, ["--resume", str(run_dir), "--rounds", "2"], "no checkpoint")
