@@ -1,0 +1,148 @@
+"""Benchmarks: every suite runs on a tiny configuration and produces well-formed output.
+
+Each suite is launched as a user starts it (``python -m sfprompt_mpi.bench
+SUITE --json OUT``; the MPI suites start ``mpiexec`` themselves), bounded
+by ``run_bounded``. The tests check the shape of the output (a table, the key
+ratio as the last line, JSON rows and key), never a speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+from sfprompt_mpi.bench.common import format_table, parse_size
+from sfprompt_mpi.bench.job import RoundClock
+from sfprompt_mpi.errors import UserError
+
+from run_helpers import run_bounded  # tests/mpi, on sys.path via tests/conftest.py
+
+TIMEOUT_S = 180
+TINY_RUN = ["--max-train-samples", "120", "--max-test-samples", "50", "--batch-size", "16"]
+
+
+def bench(*args: str):
+    return run_bounded([sys.executable, "-m", "sfprompt_mpi.bench", *args], TIMEOUT_S)
+
+
+def run_suite(tmp_path, suite: str, *args: str) -> dict:
+    out = tmp_path / f"{suite}.json"
+    done = bench(suite, "--json", str(out), *args)
+    assert done.returncode == 0, done.report()
+    last = done.output.strip().splitlines()[-1]
+    assert last.startswith(f"{suite}: "), done.report()
+    result = json.loads(out.read_text())
+    assert result["suite"] == suite and result["rows"] and result["key"] in last
+    assert isinstance(result["value"], float) and math.isfinite(result["value"]) and result["value"] > 0
+    assert f"{result['value']:.3f}" in last
+    return result
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+def test_help_lists_every_suite():
+    done = bench("--help")
+
+    assert done.returncode == 0, done.report()
+    for suite in ("transport", "server", "round", "scale", "wire"):
+        assert suite in done.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["nosuch"], "invalid choice"),
+    (["transport", "--min-size", "3"], "multiple of 4"),
+    (["scale", "--clients", "0,5"], "must be >= 1"),
+    (["wire", "--dtypes", "float8"], "float32, bfloat16"),
+])
+def test_user_error_is_one_line_and_exit_2(args, words):
+    done = bench(*args)
+
+    assert done.returncode == 2, done.report()
+    errors = [line for line in done.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and words in errors[0], done.report()
+    assert "Traceback" not in done.output
+
+
+def test_helpers():
+    assert parse_size("4K") == 4096 and parse_size("64M") == 64 << 20 and parse_size("100") == 100
+    with pytest.raises(UserError):
+        parse_size("lots")
+    table = format_table([{"a": 1, "b": 0.5}, {"a": 22, "c": "x"}]).splitlines()
+    assert table[0].split() == ["a", "b", "c"] and len(table) == 3
+
+
+def test_round_clock_splits_each_round_into_its_parts():
+    clock = RoundClock()
+    clock.boundary(True, 1, 10.0)
+    clock.add("send_s", 0.5)
+    clock.add("wait_s", 1.0)
+    clock.add("payload_s", 0.25)
+    clock.boundary(True, 1, 11.0)               # a second START of the same round (another host)
+    clock.boundary(True, 2 + (3 << 32), 14.0)  # round 2, a retry attempt in the high bits
+    clock.boundary(False, 0, 15.0)              # STOP
+
+    assert clock.rounds[1] == {"send_s": 0.5, "wait_s": 1.0, "payload_s": 0.25, "wall_s": 4.0, "compute_s": 2.25}
+    assert clock.rounds[2]["wall_s"] == 1.0 and clock.rounds[2]["compute_s"] == 1.0
+
+
+# ------------------------------------------------------------------ suites
+
+
+def test_transport_suite(tmp_path):
+    result = run_suite(tmp_path, "transport", "--max-size", "256K", "--trials", "1", "--target", "1M")
+
+    assert [r["bytes"] for r in result["rows"]] == [4096, 16384, 65536, 262144]
+    for row in result["rows"]:
+        assert row["raw_GBps"] > 0 and row["project_GBps"] > 0
+        assert row["ratio"] == pytest.approx(row["project_GBps"] / row["raw_GBps"])
+    assert result["value"] == pytest.approx(min(r["ratio"] for r in result["rows"]))
+
+
+def test_server_suite(tmp_path):
+    result = run_suite(tmp_path, "server", "--clients", "3", "--server-batch", "2", "--batch-size", "8",
+                       "--steps", "2", "--rounds", "1", "--trials", "1")
+
+    alone = [r for r in result["rows"] if r["what"] == "body alone"]
+    serving = [r for r in result["rows"] if r["what"].startswith("serving")]
+    assert len(alone) >= 2 and len(serving) == 1
+    assert result["best_alone_batch"] in [r["batch"] for r in alone]
+    assert serving[0]["passes_per_round"] >= 3  # 3 clients x 2 steps, at most 2 clients per pass
+    assert result["value"] == pytest.approx(serving[0]["samples_per_s"] / max(r["samples_per_s"] for r in alone))
+
+
+def test_round_suite(tmp_path):
+    result = run_suite(tmp_path, "round", "--rounds", "2", "--", *TINY_RUN)
+
+    runs = [(r["run"], r["role"]) for r in result["rows"]]
+    assert runs == [("reference", "one process"), ("mpi", "server"), ("mpi", "clients"), ("mpi", "clients")]
+    for row in result["rows"][1:]:
+        parts = row["compute_s"] + row["comm_s"] + row["wait_s"]
+        assert row["comm_s"] >= 0 and row["wait_s"] >= 0
+        assert parts == pytest.approx(row["round_s"], rel=1e-6)
+    assert result["same_params"] is True
+
+
+def test_scale_suite(tmp_path):
+    result = run_suite(tmp_path, "scale", "--clients", "4,8", "--samples-per-client", "4", "--rounds", "1")
+
+    assert [r["clients"] for r in result["rows"]] == [4, 8]
+    assert [r["samples"] for r in result["rows"]] == [16, 32]
+    for row in result["rows"]:
+        assert row["round_s"] > 0 and row["server_peak_rss_mb"] > 0 and row["client_peak_rss_mb"] > 0
+    assert math.isfinite(result["server_mem_ratio"])
+
+
+def test_wire_suite(tmp_path):
+    result = run_suite(tmp_path, "wire", "--dtypes", "float32,bfloat16", "--",
+                       "--rounds", "1", "--clients", "2", *TINY_RUN)
+
+    f32, bf16 = result["rows"]
+    assert (f32["wire_dtype"], bf16["wire_dtype"]) == ("float32", "bfloat16")
+    assert bf16["MB_activations"] == pytest.approx(f32["MB_activations"] / 2, rel=0.02)
+    assert bf16["MB_total"] < f32["MB_total"]
+    assert result["value"] == pytest.approx(bf16["bytes_ratio"]) and 0 < result["value"] < 1
+    assert -1 <= result["acc_change"] <= 1
