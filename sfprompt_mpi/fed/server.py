@@ -237,14 +237,15 @@ class Server:
             except PayloadTimeout:
                 raise
             except TimeoutError:
-                stat["wait"] += time.perf_counter() - t0
+                msg = None
                 self._on_timeout(tag, owing, heard, missing, active, pending, groups, where, stat)
-                if time.monotonic() >= next_ping:
-                    for rank in self.hosts:
-                        self.transport.send(rank, header_for(Kind.KEEPALIVE, None, round=tag))
-                    next_ping = time.monotonic() + limit / 2
-                continue
             stat["wait"] += time.perf_counter() - t0
+            if time.monotonic() >= next_ping:  # also while others keep the server busy (sfl-full serves in turn)
+                for rank in self.hosts:
+                    self.transport.send(rank, header_for(Kind.KEEPALIVE, None, round=tag))
+                next_ping = time.monotonic() + limit / 2
+            if msg is None:
+                continue
             if msg.source in heard:
                 heard[msg.source] = time.monotonic()
             h = msg.header
