@@ -329,6 +329,9 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         if self.conf is None:
             raise SlurmHarnessError("the cluster is not running")
         env = dict(os.environ)
+        # Both nodes are this host at 127.0.0.1: MPICH's UCX netmod must use loopback between
+        # them (left to itself it may pick an interface whose address it cannot exchange).
+        env.setdefault("UCX_NET_DEVICES", "lo")
         env.update(extra or {})
         env["SLURM_CONF"] = str(self.conf)
         return env

@@ -94,9 +94,9 @@ def test_array_sweep_lists_its_tasks_outside_slurm():
     proc = subprocess.run(["bash", str(JOBS / "array_sweep.sbatch")], capture_output=True, text=True,
                           env=env, timeout=30)
     assert proc.returncode == 0, proc.stderr
-    assert "120 tasks: sbatch --array=0-119" in proc.stdout
+    assert "192 tasks: sbatch --array=0-191" in proc.stdout
     array_line = re.search(r"^#SBATCH --array=0-(\d+)", (JOBS / "array_sweep.sbatch").read_text(), re.M)
-    assert array_line and int(array_line.group(1)) == 119, "the #SBATCH --array range must match the sweep"
+    assert array_line and int(array_line.group(1)) == 191, "the #SBATCH --array range must match the sweep"
 
 
 # --- the scripts as written are accepted by Slurm ----------------------------
@@ -118,7 +118,6 @@ DRY_RUNS = {
     # sbatch options before ':' go to every component, after it to component 1 only.
     "hetjob": ([":", *SITE, "--ntasks-per-node=2"], {"EXTRA_ARGS": f"{DRY} --clients 6"}),
     # Tasks 1 and 2 of (iid, dir0.1) x sfprompt x seeds (3, 4): both split kinds, both seeds.
-    # (Only sfprompt runs today; the other --algo names are refused with one line.)
     "array_sweep": (["--array=1-2", "--ntasks=2"],
                     {"DATASETS": "digits", "SPLITS": "iid dir0.1", "ALGOS": "sfprompt", "SEEDS": "3 4"}),
 }
