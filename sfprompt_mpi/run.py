@@ -158,6 +158,14 @@ def set_threads(cfg: Config, world: World) -> int:
     return threads
 
 
+def abort_job(rank: int, exc: BaseException, comm: Any) -> int:
+    """Print this rank's fault once, with its traceback, and abort the whole MPI job (exit code 1)."""
+    sys.stderr.write(f"[r{rank:02d}] failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    sys.stderr.flush()
+    comm.Abort(1)
+    return 1
+
+
 def main(argv: list[str] | None = None, started: float | None = None) -> int:
     """``started``: time.monotonic() when the process began (for the "setup took" line)."""
     started = time.monotonic() if started is None else started
@@ -184,10 +192,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     except BaseException as exc:  # noqa: BLE001 - any fault must end the whole job
         if world.single:
             raise
-        sys.stderr.write(f"[r{world.rank:02d}] failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-        sys.stderr.flush()
-        world.comm.Abort(1)
-        return 1
+        return abort_job(world.rank, exc, world.comm)
 
 
 if __name__ == "__main__":

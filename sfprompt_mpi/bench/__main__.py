@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 
 from ..errors import EXIT_USER_ERROR, UserError
 
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_job"]:
         from .job import job_main
         return job_main(argv[1:])
-    from .common import check_finished, emit, mpiexec_cmd, run_bounded, under_mpi
+    from .common import emit, mpiexec_cmd, run_bounded, under_mpi
     rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) or 0)
     try:
         args = _parse(argv)
@@ -91,11 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # noqa: BLE001 - under MPI one failed rank must end the others
         if not under_mpi():
             raise
-        sys.stderr.write(f"[r{rank:02d}] failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-        sys.stderr.flush()
         from mpi4py import MPI
-        MPI.COMM_WORLD.Abort(1)
-        return 1
+
+        from ..run import abort_job
+        return abort_job(rank, exc, MPI.COMM_WORLD)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ depends on MPI arrival order.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
