@@ -28,6 +28,7 @@ from typing import Any
 
 from .config import Config, config_from_dict, load_toml, parse_config, build_parser, FIELDS
 from .errors import EXIT_RUN_STOPPED, EXIT_USER_ERROR, RunStopped, UserError
+from .node import NodeLayout, node_layout, single_process_layout
 
 log = logging.getLogger("sfprompt_mpi")
 
@@ -42,11 +43,12 @@ _MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LO
 
 @dataclass
 class World:
-    """Where this process sits: MPI communicator (None in one process), rank, size."""
+    """Where this process sits: MPI communicator (None in one process), rank, size, and its node."""
 
     comm: Any
     rank: int
     size: int
+    node: NodeLayout
 
     @property
     def single(self) -> bool:
@@ -60,10 +62,10 @@ def detect_world() -> World:
         if "SLURM_STEP_ID" in os.environ and tasks > 1:
             raise UserError(f"srun started {tasks} tasks but no MPI process manager is visible; "
                             "launch with srun --mpi=pmi2 (or pmix) or with mpirun")
-        return World(None, 0, 1)
+        return World(None, 0, 1, single_process_layout())
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
-    return World(comm, comm.Get_rank(), comm.Get_size())
+    return World(comm, comm.Get_rank(), comm.Get_size(), node_layout(comm))
 
 
 def node_memory_check(world: World) -> None:
@@ -76,10 +78,7 @@ def node_memory_check(world: World) -> None:
     verdict is agreed by all ranks so no rank waits for a failed one."""
     error = None
     if world.comm is not None and world.size > 1:
-        from mpi4py import MPI
-        local = world.comm.Split_type(MPI.COMM_TYPE_SHARED)
-        ranks_here, local_rank = local.Get_size(), local.Get_rank()
-        local.Free()
+        ranks_here, local_rank = world.node.local_size, world.node.local_rank
         available = _mem_available_gb()
         floor = float(os.environ.get("SFPROMPT_RANK_GB", RANK_MEMORY_FLOOR_GB))
         need = ranks_here * floor
@@ -147,13 +146,7 @@ def setup_logging(cfg: Config, rank: int, log_dir: Path | None) -> None:
 
 def set_threads(cfg: Config, world: World) -> int:
     import torch
-    threads = cfg.run.threads
-    if threads == 0:
-        local = world.size
-        if world.comm is not None:
-            from mpi4py import MPI
-            local = world.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
-        threads = max(1, (os.cpu_count() or 1) // local)
+    threads = cfg.run.threads or world.node.threads_per_rank
     torch.set_num_threads(threads)
     return threads
 
@@ -169,7 +162,7 @@ def abort_job(rank: int, exc: BaseException, comm: Any) -> int:
 def main(argv: list[str] | None = None, started: float | None = None) -> int:
     """``started``: time.monotonic() when the process began (for the "setup took" line)."""
     started = time.monotonic() if started is None else started
-    world = World(None, 0, 1)
+    world = World(None, 0, 1, single_process_layout())
     try:
         world = detect_world()
         cfg = resolve_config(argv)

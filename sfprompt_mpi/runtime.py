@@ -300,7 +300,7 @@ def run_reference(cfg, model, layout, data, hosts, run_dir, global_state=None, s
 def _run_mpi(cfg, world, model, layout, data, hosts, run_dir, global_state, start, resume_round) -> None:
     from .comm import build_transport
     device = _server_device(cfg) if world.rank == 0 else torch.device("cpu")
-    transport = _agree(world, lambda: build_transport(cfg.comm.transport, world.comm, device))
+    transport = _agree(world, lambda: build_transport(cfg.comm.transport, world.comm, device, world.node))
     try:
         if world.rank == 0:
             server, metrics = _build_server(cfg, model, layout, data, hosts, transport, run_dir, global_state,

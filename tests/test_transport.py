@@ -69,6 +69,15 @@ def test_build_transport_refuses_unknown_kind():
 # ------------------------------------------------------------- conformance
 
 
+def test_node_layout_says_when_ranks_outnumber_cpus():
+    from sfprompt_mpi.node import NodeLayout, my_cpus, single_process_layout
+
+    assert NodeLayout(0, 51, 2).oversubscribed and NodeLayout(0, 51, 2).threads_per_rank == 1
+    assert not NodeLayout(3, 4, 16).oversubscribed and NodeLayout(3, 4, 16).threads_per_rank == 4
+    assert NodeLayout(0, 3, 8).threads_per_rank == 2  # leftover CPUs are not oversubscribed
+    assert single_process_layout() == NodeLayout(0, 1, len(my_cpus()))
+
+
 def _conformance_module():
     spec = importlib.util.spec_from_file_location("transport_conformance", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -97,5 +106,7 @@ def test_mpi_conformance(kind, size):
     assert result.returncode == 0, result.stdout
     assert f"CONFORMANCE PASSED {kind} size={size}" in result.stdout, result.stdout
     assert "cpu while waiting in recv" in result.stdout
+    if kind == "mpi":
+        assert "ok wait policy" in result.stdout and "ok check_wait_policy" in result.stdout
     if kind == "gloo":
         assert "ok nccl refused without a GPU per rank" in result.stdout or torch.cuda.device_count() >= size

@@ -16,22 +16,25 @@ from ..errors import UserError
 if TYPE_CHECKING:
     from mpi4py import MPI
 
+    from ..node import NodeLayout
     from .protocol import Transport
 
 TRANSPORTS = ("mpi", "gloo", "nccl")
 
 
-def build_transport(kind: str, comm: "MPI.Comm", device: torch.device | str | None = None) -> "Transport":
+def build_transport(kind: str, comm: "MPI.Comm", device: torch.device | str | None = None,
+                    layout: "NodeLayout | None" = None) -> "Transport":
     """The transport named by ``--transport`` over ``comm`` (collective over it).
 
     ``mpi`` carries everything through MPI; ``gloo`` and ``nccl`` keep headers
     on MPI and move payloads through torch.distributed. Received payloads are
-    placed on ``device``.
+    placed on ``device``. ``layout`` (this rank's node, found collectively when
+    None) decides how waiting ranks share the CPUs.
     """
     if kind == "mpi":
         from .mpi import MPITransport
-        return MPITransport(comm, device=device)
+        return MPITransport(comm, device=device, layout=layout)
     if kind in ("gloo", "nccl"):
         from .torch_dist import TorchDistTransport
-        return TorchDistTransport(comm, kind, device)
+        return TorchDistTransport(comm, kind, device, layout)
     raise UserError(f"unknown transport {kind!r}: use one of {', '.join(TRANSPORTS)}")

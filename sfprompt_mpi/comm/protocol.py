@@ -47,8 +47,11 @@ class Kind(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        return self.name.lower()
+        return _LABELS[self]
 
+
+_LABELS = {k: k.name.lower() for k in Kind}
+_KINDS = {int(k): k for k in Kind}
 
 #: A retried round's messages carry ``round + attempt * ROUND_ATTEMPT_STRIDE`` in the
 #: header's round field (its *tag*), so a straggler's message from an earlier
@@ -124,33 +127,34 @@ def pack_header(h: Header) -> np.ndarray:
     """Header -> int64[HEADER_LEN] ready for a buffer send."""
     if h.shape is not None and len(h.shape) > MAX_DIMS:
         raise ProtocolError(f"{h.describe()}: more than {MAX_DIMS} dimensions")
-    if h.dtype not in DTYPE_CODES:
+    code = DTYPE_CODES.get(h.dtype)
+    if code is None:
         raise ProtocolError(f"{h.describe()}: dtype not allowed on the wire")
-    buf = np.zeros(HEADER_LEN, dtype=np.int64)
-    ndim = -1 if h.shape is None else len(h.shape)
-    buf[:8] = (MAGIC, int(h.kind), h.round, h.client, h.step, DTYPE_CODES[h.dtype], ndim, h.aux)
-    if h.shape is not None:
-        buf[8:8 + ndim] = h.shape
-    return buf
+    dims = () if h.shape is None else h.shape
+    ndim = -1 if h.shape is None else len(dims)
+    return np.array((MAGIC, int(h.kind), h.round, h.client, h.step, code, ndim, h.aux, *dims,
+                     *(0,) * (MAX_DIMS - len(dims))), dtype=np.int64)
 
 
 def unpack_header(buf: np.ndarray) -> Header:
     """int64[HEADER_LEN] -> Header, refusing anything malformed."""
-    if buf.shape != (HEADER_LEN,) or int(buf[0]) != MAGIC:
+    if buf.shape != (HEADER_LEN,):
         raise ProtocolError("bad header: wrong length or magic number")
-    _, kind, rnd, client, step, dcode, ndim, aux = (int(v) for v in buf[:8])
-    try:
-        kind_e = Kind(kind)
-    except ValueError:
-        raise ProtocolError(f"bad header: unknown message kind {kind}") from None
-    if dcode not in DTYPES:
+    magic, kind, rnd, client, step, dcode, ndim, aux, *dims = buf.tolist()  # plain ints: on every message
+    if magic != MAGIC:
+        raise ProtocolError("bad header: wrong length or magic number")
+    kind_e = _KINDS.get(kind)
+    if kind_e is None:
+        raise ProtocolError(f"bad header: unknown message kind {kind}")
+    dtype = DTYPES.get(dcode)
+    if dtype is None:
         raise ProtocolError(f"bad header: unknown dtype code {dcode}")
     if not -1 <= ndim <= MAX_DIMS:
         raise ProtocolError(f"bad header: {ndim} dimensions")
-    shape = None if ndim < 0 else tuple(int(v) for v in buf[8:8 + ndim])
-    if shape is not None and any(s < 0 for s in shape):
+    shape = None if ndim < 0 else tuple(dims[:ndim])
+    if shape is not None and min(shape, default=0) < 0:
         raise ProtocolError(f"bad header: negative shape {shape}")
-    h = Header(kind_e, rnd, client, step, DTYPES[dcode], shape, aux)
+    h = Header(kind_e, rnd, client, step, dtype, shape, aux)
     if h.nbytes > MAX_PAYLOAD_BYTES:
         raise ProtocolError(f"bad header: {h.describe()} payload of {h.nbytes} bytes exceeds the limit")
     return h

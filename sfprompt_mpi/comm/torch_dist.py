@@ -32,6 +32,7 @@ import torch.distributed as dist
 from mpi4py import MPI
 
 from ..errors import UserError
+from ..node import NodeLayout
 from .mpi import MPITransport, as_bytes, PendingSend, true_or_none, poll_until
 from .protocol import Header
 
@@ -77,14 +78,14 @@ class TorchDistTransport(MPITransport):
     destroys it in :meth:`close`.
     """
 
-    def __init__(self, comm: MPI.Comm, backend: str = "gloo", device: torch.device | str | None = None) -> None:
+    def __init__(self, comm: MPI.Comm, backend: str = "gloo", device: torch.device | str | None = None,
+                 layout: NodeLayout | None = None) -> None:
         if backend not in ("gloo", "nccl"):
             raise UserError(f"unknown torch.distributed backend {backend!r}: use gloo or nccl")
-        super().__init__(comm, device=device)
+        super().__init__(comm, device=device, layout=layout)
         self.backend = backend
-        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
-        local_rank, local_size, one_node = node.Get_rank(), node.Get_size(), node.Get_size() == self.size
-        node.Free()
+        local_rank, local_size = self.layout.local_rank, self.layout.local_size
+        one_node = local_size == self.size
         problem = None
         if backend == "nccl":
             gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

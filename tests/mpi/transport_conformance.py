@@ -193,6 +193,35 @@ def check_waiting_cpu(t: Transport, g: Group) -> None:
     assert not isinstance(g, MPIGroup) or max(shares) < 0.5, shares
 
 
+def check_wait_policy(t: Any, g: Group) -> None:
+    """The transport knows its node, and waits by spinning only where each rank has a CPU of its own."""
+    from mpi4py import MPI
+
+    from sfprompt_mpi.comm.mpi import MPITransport
+    from sfprompt_mpi.node import NodeLayout, my_cpus
+
+    cpus = set().union(*map(set, g.allgather(sorted(my_cpus()))))
+    assert (t.layout.local_size, t.layout.cpus) == (g.size, len(cpus)), (t.layout, g.size, cpus)
+    assert t.layout.oversubscribed == (g.size > len(cpus))
+    if g.rank == 0:
+        print(f"ok wait policy: {g.size} ranks on {len(cpus)} CPUs, "
+              f"{'oversubscribed' if t.layout.oversubscribed else 'a CPU per rank'}", flush=True)
+    if g.size != 2 or g.rank != 0 or len(cpus) < 2:
+        return
+    shares = {}
+    for name, layout in (("dedicated", NodeLayout(0, 1, 2)), ("oversubscribed", NodeLayout(0, 4, 2))):
+        alone = MPITransport(MPI.COMM_SELF, layout=layout)
+        wall, cpu = time.monotonic(), time.process_time()
+        try:
+            alone.recv(timeout=0.3, waiting_for="nothing (wait policy)")
+        except TimeoutError:
+            pass
+        shares[name] = (time.process_time() - cpu) / (time.monotonic() - wall)
+        alone.close()
+    print(f"cpu while waiting 0.3 s: {shares}", flush=True)
+    assert shares["dedicated"] > 0.3 and shares["oversubscribed"] < 0.2, shares
+
+
 def check_big(t: Transport, g: Group) -> None:
     """Ranks 0 and 1 swap 16 MiB tensors, both sending first."""
     if g.rank > 1:
@@ -280,9 +309,12 @@ def check_malformed(t: Any, g: Group, payload_on_mpi: bool) -> None:
         if payload_on_mpi:
             t.comm.Send([pack_header(header_for(Kind.ACTS, torch.zeros(4))), MPI.INT64_T], 0, HEADER_TAG)
             t.comm.Send([np.zeros(8, dtype=np.uint8), MPI.BYTE], 0, PAYLOAD_TAG)
+            t.comm.Send([pack_header(header_for(Kind.ACTS, torch.zeros(2))), MPI.INT64_T], 0, HEADER_TAG)
+            t.comm.Send([np.zeros(64, dtype=np.uint8), MPI.BYTE], 0, PAYLOAD_TAG)
     if g.rank == 0:
         if payload_on_mpi:
             raws.append((None, "announced 16 bytes but 8 came"))
+            raws.append((None, "announced 8 bytes but more came"))
         for _, words in raws:
             try:
                 t.recv(1, timeout=TIMEOUT, waiting_for="a malformed message")
@@ -323,7 +355,7 @@ def run_checks(t: Transport, g: Group, kind: str) -> None:
 
         checks += [check_send_validation, check_malformed_messages]
         if kind == "mpi":
-            checks.append(check_inplace_detected)
+            checks += [check_inplace_detected, check_wait_policy]
     checks.append(check_counters)
     for check in checks:
         g.barrier()

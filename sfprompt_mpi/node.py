@@ -1,0 +1,54 @@
+"""Where a rank sits on its node: how many ranks share the node and its CPUs.
+
+Imports neither torch nor mpi4py, so the launcher can ask before the heavy
+imports. Start-up computes the layout once (:func:`node_layout`); the memory
+check, the thread count and the transport's way of waiting all read it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+def my_cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity mask: cgroups and srun binding included)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return set(range(os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """This rank's place on its node."""
+
+    local_rank: int
+    local_size: int  # ranks on this node
+    cpus: int        # distinct CPUs those ranks may run on, together
+
+    @property
+    def oversubscribed(self) -> bool:
+        """More ranks than CPUs on the node: a waiting rank must give its CPU to others."""
+        return self.local_size > self.cpus
+
+    @property
+    def threads_per_rank(self) -> int:
+        """CPUs per rank, at least one."""
+        return max(1, self.cpus // self.local_size)
+
+
+def single_process_layout() -> NodeLayout:
+    return NodeLayout(0, 1, len(my_cpus()))
+
+
+def node_layout(comm: Any) -> NodeLayout:
+    """The layout of the calling rank (collective over ``comm``, an mpi4py communicator)."""
+    from mpi4py import MPI
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        masks = node.allgather(sorted(my_cpus()))
+        return NodeLayout(node.Get_rank(), node.Get_size(), len(set().union(*map(set, masks))))
+    finally:
+        node.Free()
