@@ -159,7 +159,10 @@ def run_job(cfg: Config, world: World, started: float | None = None) -> int:
     release_free_memory()
     if world.comm is not None and world.size > 1:
         world.comm.Barrier()
-    log.info("setup took %.1f s on %d rank(s) (imports, data, model, checks)", time.monotonic() - started, world.size)
+    node = world.node
+    log.info("setup took %.1f s on %d rank(s) (imports, data, model, checks); rank 0's node: %d rank(s) on %d CPU(s), "
+             "%s", time.monotonic() - started, world.size, node.local_size, node.cpus,
+             "waiting ranks nap after 1 ms" if node.oversubscribed else "waiting ranks spin up to 0.2 s")
     if world.single:
         run_reference(cfg, model, layout, data, hosts, run_dir, global_state, start, resume_round)
     else:

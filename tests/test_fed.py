@@ -104,6 +104,26 @@ def test_frozen_parameters_are_bit_identical_after_rounds(tmp_path) -> None:
     assert "prompts.tokens" in moved and "vit.head.weight" in moved
 
 
+def test_next_round_starts_before_the_server_evaluates(tmp_path, monkeypatch) -> None:
+    # The clients of round r + 1 train while the server evaluates round r; the last round starts nothing.
+    from sfprompt_mpi.fed.server import Server
+    seen = []
+    evaluate = Server.evaluate
+
+    def spying(self):
+        seen.append((self._started[0], self.transport.counter.sent.get("start", 0)))
+        return evaluate(self)
+
+    monkeypatch.setattr(Server, "evaluate", spying)
+    overrides = {"fed": {"clients": 2, "rounds": 3}, "data": {"max_train_samples": 60, "max_test_samples": 20}}
+    cfg, _, _, _, server, _ = _reference(tmp_path, overrides)
+
+    assert [r for r, _ in seen] == [2, 3, 3]
+    assert seen[0][1] > 0 and seen[2][1] == 0  # round 2's START already counted in round 2's bytes
+    starts = [h["bytes_sent/start"] for h in server.history]
+    assert starts[0] == starts[1] == starts[2] > 0  # each round's own START, counted once, in its own row
+
+
 # -- whole runs -------------------------------------------------------------------------
 def test_default_job_learns_digits_far_above_chance(tmp_path) -> None:
     # The offline default (digits, micro ViT from random weights, 4 clients, 10 rounds).

@@ -22,6 +22,7 @@ Final global parameters are compared through ``checkpoint/global.safetensors``:
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -107,6 +108,9 @@ def test_mpi_run_equals_reference_run_bitwise(runs):
     run_dir = runs.get("mpi")[0]
     assert all((run_dir / "metrics" / f"rank{r:05d}.h5").is_file() for r in range(3))
     np.testing.assert_array_equal(_series(run_dir, "test_acc"), _series(runs.get("reference")[0], "test_acc"))
+    cpus = len(os.sched_getaffinity(0))
+    policy = "nap after 1 ms" if 3 > cpus else "spin up to 0.2 s"
+    assert f"rank 0's node: 3 rank(s) on {cpus} CPU(s), waiting ranks {policy}" in runs.get("mpi")[1].output
 
 
 def test_gloo_transport_equals_mpi_transport_bitwise(runs):

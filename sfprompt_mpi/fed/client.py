@@ -115,19 +115,22 @@ class ClientHost:
             self._faulted = False
             self._dropped = {k for k in self._dropped if _attempt_key(k[0]) >= (rnd, attempt)}
             # The server sends every selected client's parameters right after START.
-            todo = []
+            todo: list[tuple[int, torch.Tensor]] = []
             for cid in msg.payload.tolist():
                 params = self._recv(f"round {rnd} parameters for client {cid}")
                 expect(params.header, Kind.PARAMS, round=tag, client=cid, shape=(self.layout.numel,))
-                todo.append((cid, params))
-            for cid, params in todo:
+                global_F = params.payload
+                if todo and torch.equal(global_F, todo[-1][1]):
+                    global_F = todo[-1][1]  # clients start from the same global vector: keep one copy, not K
+                todo.append((cid, global_F))
+            for cid, global_F in todo:
                 self._drain()
                 if (tag, cid) in self._dropped:
                     log.warning("round %d: client %d was dropped by the server before it started; skipped", rnd, cid)
                     continue
                 self._current = (tag, cid)
                 try:
-                    flat_F, n, stats = self.run_client_round(tag, cid, params.payload)
+                    flat_F, n, stats = self.run_client_round(tag, cid, global_F)
                 except Rejected as exc:
                     log.warning("round %d: client %d left the round: %s", rnd, cid, exc)
                     continue
@@ -139,7 +142,8 @@ class ClientHost:
                 self.transport.send(SERVER, header_for(Kind.UPDATE, flat_F, round=tag, client=cid, aux=n), flat_F)
                 stats["time/upload"] = time.perf_counter() - t0
                 if self.metrics is not None:
-                    self.metrics.log({f"clients/{cid}/{k}": v for k, v in stats.items()}, rnd)
+                    # flushed with the round's own row below: one flush per round, not per client
+                    self.metrics.log({f"clients/{cid}/{k}": v for k, v in stats.items()}, rnd, flush=False)
             if self.metrics is not None:
                 counts = self.transport.counter.snapshot_and_reset()
                 row = {f"bytes_sent/{k}": v for k, v in counts["sent"].items()}

@@ -87,27 +87,39 @@ class Server:
         self._body_params = [params[n].requires_grad_(True) for n in self.body_names]
         self.body_opt = make_optimizer(self._body_params, cfg, cfg.fed.lr) if self._body_params else None
         self.sequential = self.body_opt is not None
+        self._started: tuple[int, list[int], torch.Tensor, float] | None = None  # round, selected, global_F, t0
 
     # -- whole run -----------------------------------------------------------------
     def run(self, start_round: int = 1) -> None:
-        """Rounds ``start_round``..``cfg.fed.rounds``; always tells the hosts to stop."""
+        """Rounds ``start_round``..``cfg.fed.rounds``; always tells the hosts to stop.
+
+        Each round but the last starts the next one before its own evaluation,
+        checkpoint and metrics: the clients begin training (SFPrompt's local
+        phase needs no server) while the server evaluates.
+        """
+        last = self.cfg.fed.rounds
         try:
-            for rnd in range(start_round, self.cfg.fed.rounds + 1):
-                self.run_round(rnd)
+            for rnd in range(start_round, last + 1):
+                self.run_round(rnd, start_next=rnd < last)
         finally:
             for rank in self.hosts:
                 self.transport.send(rank, header_for(Kind.STOP, None))
 
-    def run_round(self, rnd: int) -> dict:
-        t_round = time.perf_counter()
-        selected = select_clients(self.num_clients, self.cfg.fed.fraction, self.cfg.run.seed, rnd)
-        global_F = self.layout.flatten(self.global_state)
+    def run_round(self, rnd: int, *, start_next: bool = False) -> dict:
+        """Round ``rnd`` (started here unless the round before started it); with
+        ``start_next`` round ``rnd + 1`` is started before this one's evaluation."""
+        if self._started is None or self._started[0] != rnd:
+            self._start(rnd)
+        _, selected, global_F, t_round = self._started
         updates, served, dropped = self._attempts(rnd, selected, global_F)
         order = sorted(updates)
         weights = [updates[c][1] for c in order]
         new_F, agg_stats = self._aggregate(rnd, global_F, [updates[c] for c in order], len(selected))
         self.global_state = self.layout.unflatten(new_F)
         self.layout.write(self.model, self.global_state)
+        counts = self.transport.counter.snapshot_and_reset()  # before the next round's messages
+        if start_next:
+            self._start(rnd + 1)
         row: dict[str, Any] = {"selected": np.array(order, dtype=np.float64),
                                "agg_weights": np.array(weights, dtype=np.float64) / max(sum(weights), 1),
                                "clients_dropped": float(len(dropped)), **agg_stats}
@@ -119,7 +131,6 @@ class Server:
             row.update(test_acc=acc, test_loss=loss, eval_s=time.perf_counter() - t0)
         if self.run_dir is not None:
             save_checkpoint(f"{self.run_dir}/checkpoint", self.checkpoint_state(), round=rnd, seed=self.cfg.run.seed)
-        counts = self.transport.counter.snapshot_and_reset()
         row.update({f"bytes_sent/{k}": v for k, v in counts["sent"].items()})
         row.update({f"bytes_recv/{k}": v for k, v in counts["recv"].items()})
         row["round_s"] = time.perf_counter() - t_round
@@ -160,11 +171,8 @@ class Server:
         for attempt in range(comm.round_retries + 1):
             tag = round_tag(rnd, attempt)
             chosen = [c for c in selected if c not in excluded]
-            for rank, cids in self.hosts.items():
-                mine = torch.tensor([c for c in cids if c in set(chosen)], dtype=torch.int64)
-                self.transport.send(rank, header_for(Kind.START, mine, round=tag), mine)
-                for cid in mine.tolist():
-                    self.transport.send(rank, header_for(Kind.PARAMS, global_F, round=tag, client=cid), global_F)
+            if attempt:  # the first attempt was started by _start
+                self._send_start(tag, chosen, global_F)
             updates, served = self._serve(tag, set(chosen))
             dropped = set(selected) - set(updates)
             if len(updates) >= comm.min_clients:
@@ -181,6 +189,22 @@ class Server:
                              f"round {rnd - 1} is in the checkpoint: fix the failing clients or lower "
                              f"--min-clients, then continue with --resume {self.run_dir or 'RUN_DIR'}")
         raise AssertionError("unreachable")
+
+    def _start(self, rnd: int) -> None:
+        """Send round ``rnd``'s START and parameters (its first attempt) to every host."""
+        t_round = time.perf_counter()
+        selected = select_clients(self.num_clients, self.cfg.fed.fraction, self.cfg.run.seed, rnd)
+        global_F = self.layout.flatten(self.global_state)
+        self._send_start(round_tag(rnd, 0), selected, global_F)
+        self._started = (rnd, selected, global_F, t_round)
+
+    def _send_start(self, tag: int, chosen: list[int], global_F: torch.Tensor) -> None:
+        chosen_set = set(chosen)
+        for rank, cids in self.hosts.items():
+            mine = torch.tensor([c for c in cids if c in chosen_set], dtype=torch.int64)
+            self.transport.send(rank, header_for(Kind.START, mine, round=tag), mine)
+            for cid in mine.tolist():
+                self.transport.send(rank, header_for(Kind.PARAMS, global_F, round=tag, client=cid), global_F)
 
     def _aggregate(self, rnd: int, global_F: torch.Tensor, updates: list[tuple[torch.Tensor, int]],
                    selected: int) -> tuple[torch.Tensor, dict[str, float]]:

@@ -29,6 +29,7 @@ locking flags.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -47,6 +48,10 @@ _VLEN_F64 = h5py.vlen_dtype(np.float64)
 _RESERVED = ("step", "value")
 # Attrs that describe one rank only; run.h5 does not copy them from rank 0.
 _RANK_ATTRS = ("rank", "role", "host", "device", "json_attrs")
+
+
+#: How many series keep their datasets open between logs (least recently logged dropped first).
+SERIES_CACHE = 256
 
 
 def rank_file(run_dir: str | Path, rank: int) -> Path:
@@ -91,7 +96,10 @@ class MetricsWriter:
     def __init__(self, run_dir: str | Path, rank: int, *, role: str,
                  attrs: Mapping[str, Any], resume_round: int | None = None) -> None:
         self.path = rank_file(run_dir, rank)
-        self._series: dict[str, tuple[h5py.Dataset, h5py.Dataset]] = {}
+        # Open handles of recently logged series, at most SERIES_CACHE: every open
+        # dataset costs ~90 KB and slows each flush, and a host of 5000 virtual
+        # clients logs 8 series per client (5000 clients: 3.6 GB, cached).
+        self._series: collections.OrderedDict[str, tuple[h5py.Dataset, h5py.Dataset]] = collections.OrderedDict()
         self._kinds: dict[str, str] = {}  # attr reads are slow; cache each key's kind
         if self.path.exists():
             if resume_round is None:
@@ -122,8 +130,11 @@ class MetricsWriter:
 
     # -- writing ---------------------------------------------------------
     def log(self, metrics: Mapping[str, float | int | Sequence[float] | np.ndarray],
-            step: int) -> None:
-        """Append ``metrics`` (key -> scalar or 1-D array) for round ``step``; flush."""
+            step: int, *, flush: bool = True) -> None:
+        """Append ``metrics`` (key -> scalar or 1-D array) for round ``step``; flush unless told not to.
+
+        Several logs of one round may skip the flush when the round's last one
+        flushes: a crash then loses at most the round in progress."""
         self._check_open()
         arrays = {key: np.asarray(raw, dtype=np.float64) for key, raw in metrics.items()}
         for key, value in arrays.items():  # check all before writing any
@@ -132,14 +143,15 @@ class MetricsWriter:
             if key not in self._series:
                 _check_key(key)
         for key, value in arrays.items():
-            steps, values = self._series.get(key) or self._get_series(key, value)
+            steps, values = self._series_for(key, value)
             values = self._fit(key, values, value)
             n = steps.shape[0]
             values.resize(n + 1, axis=0)
             values[n] = value
             steps.resize((n + 1,))
             steps[n] = step
-        self._f.flush()
+        if flush:
+            self._f.flush()
 
     def event(self, step: int, kind: str, text: str) -> None:
         """Append a row (step, kind, text) to ``/events``, e.g. a dropout; flush."""
@@ -168,6 +180,16 @@ class MetricsWriter:
     def _check_open(self) -> None:
         if not self._f.id.valid:
             raise ValueError(f"metrics file {self.path} is closed")
+
+    def _series_for(self, key: str, first: np.ndarray) -> tuple[h5py.Dataset, h5py.Dataset]:
+        found = self._series.get(key)
+        if found is not None:
+            self._series.move_to_end(key)
+            return found
+        found = self._get_series(key, first)
+        while len(self._series) > SERIES_CACHE:
+            self._series.popitem(last=False)
+        return found
 
     def _get_series(self, key: str, first: np.ndarray) -> tuple[h5py.Dataset, h5py.Dataset]:
         if key in self._f and "step" in self._f[key]:
