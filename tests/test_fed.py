@@ -124,6 +124,23 @@ def test_next_round_starts_before_the_server_evaluates(tmp_path, monkeypatch) ->
     assert starts[0] == starts[1] == starts[2] > 0  # each round's own START, counted once, in its own row
 
 
+def test_a_host_keeps_one_copy_of_the_global_vector_for_its_clients(tmp_path, monkeypatch) -> None:
+    from sfprompt_mpi.fed.client import ClientHost
+    seen = []
+    run_client_round = ClientHost.run_client_round
+
+    def spying(self, rnd, cid, global_F):
+        seen.append((rnd, global_F.untyped_storage().data_ptr()))
+        return run_client_round(self, rnd, cid, global_F)
+
+    monkeypatch.setattr(ClientHost, "run_client_round", spying)
+    overrides = {"fed": {"clients": 4, "rounds": 2}, "data": {"max_train_samples": 80, "max_test_samples": 20}}
+    _reference(tmp_path, overrides)
+
+    assert [r for r, _ in seen] == [1] * 4 + [2] * 4
+    assert len({p for r, p in seen if r == 1}) == 1 and len({p for r, p in seen if r == 2}) == 1
+
+
 # -- whole runs -------------------------------------------------------------------------
 def test_default_job_learns_digits_far_above_chance(tmp_path) -> None:
     # The offline default (digits, micro ViT from random weights, 4 clients, 10 rounds).

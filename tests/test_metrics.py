@@ -55,6 +55,26 @@ def test_append_visible_to_reader_while_writer_open(tmp_path):
     np.testing.assert_allclose(values, [0.1, 0.2, 0.3])
 
 
+def test_many_series_keep_few_open_and_every_row(tmp_path, monkeypatch):
+    # A host of many virtual clients logs far more series than it keeps open; reopened ones append.
+    monkeypatch.setattr("sfprompt_mpi.metrics.h5.SERIES_CACHE", 4)
+    w = _writer(tmp_path, 1, "client")
+    for r in (1, 2, 3):
+        for cid in range(10):
+            w.log({f"clients/{cid}/loss": r + cid / 100, f"clients/{cid}/kept": [cid, r]}, step=r, flush=False)
+            assert len(w._series) <= 4
+        w.log({"peak_mem_mb": 1.0}, step=r)  # the round's row flushes the round
+        rows = read_metrics(rank_file(tmp_path, 1))
+        assert len(rows["clients/9/loss"][0]) == r  # visible to a reader once the round's row is flushed
+    w.close()
+
+    rows = read_metrics(rank_file(tmp_path, 1))
+    assert len([k for k in rows if k.startswith("clients/")]) == 20
+    np.testing.assert_array_equal(rows["clients/7/loss"][0], [1, 2, 3])
+    np.testing.assert_allclose(rows["clients/7/loss"][1], [1.07, 2.07, 3.07])
+    np.testing.assert_array_equal(rows["clients/3/kept"][1], [[3, 1], [3, 2], [3, 3]])
+
+
 def test_resume_drops_partial_round(tmp_path):
     with _writer(tmp_path, 1, "client") as w:
         for r in (1, 2, 3):
