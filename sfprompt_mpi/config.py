@@ -88,6 +88,8 @@ class CommConfig:
     transport: str = _f("mpi", "tensor transport between ranks", ("mpi", "gloo", "nccl"))
     wire_dtype: str = _f("float32", "dtype of activations and gradients on the wire", ("float32", "bfloat16", "float16"))
     server_batch: int = _f(4, "max clients whose activations share one body pass (1: off)")
+    server_dtype: str = _f("float32", "dtype of the server's body compute (bfloat16: autocast, for GPUs)",
+                           ("float32", "bfloat16"))
     max_pending: int = _f(64, "body graphs the server keeps awaiting their gradient; beyond, it recomputes")
     client_timeout: float = _f(600.0, "seconds any rank waits for one message before giving up")
     min_clients: int = _f(1, "fewest surviving clients a round may aggregate; below it the round is retried or the run stops")
@@ -281,6 +283,7 @@ def validate(cfg: Config) -> None:
     _check(c.transport in ("mpi", "gloo", "nccl"), f"comm.transport must be mpi, gloo or nccl, got {c.transport!r}")
     _check(c.wire_dtype in ("float32", "bfloat16", "float16"), f"comm.wire_dtype must be float32, bfloat16 or float16, got {c.wire_dtype!r}")
     _check(c.server_batch >= 1, f"comm.server_batch must be >= 1, got {c.server_batch}")
+    _check(c.server_dtype in ("float32", "bfloat16"), f"comm.server_dtype must be float32 or bfloat16, got {c.server_dtype!r}")
     _check(c.max_pending >= 1, f"comm.max_pending must be >= 1, got {c.max_pending}")
     _check(c.client_timeout > 0, f"comm.client_timeout must be > 0, got {c.client_timeout}")
     _check(r.server_device in ("auto", "cpu", "cuda"), f"run.server_device must be auto, cpu or cuda, got {r.server_device!r}")

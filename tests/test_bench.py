@@ -102,9 +102,10 @@ def test_transport_suite(tmp_path):
     assert result["value"] == pytest.approx(min(r["ratio"] for r in result["rows"]))
 
 
-def test_server_suite(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_server_suite(tmp_path, dtype):
     result = run_suite(tmp_path, "server", "--clients", "3", "--server-batch", "2", "--batch-size", "8",
-                       "--steps", "2", "--rounds", "1", "--trials", "1")
+                       "--steps", "2", "--rounds", "1", "--trials", "1", "--server-dtype", dtype)
 
     alone = [r for r in result["rows"] if r["what"] == "body alone"]
     serving = [r for r in result["rows"] if r["what"].startswith("serving")]
@@ -112,6 +113,7 @@ def test_server_suite(tmp_path):
     assert result["best_alone_batch"] in [r["batch"] for r in alone]
     assert serving[0]["passes_per_round"] >= 3  # 3 clients x 2 steps, at most 2 clients per pass
     assert result["value"] == pytest.approx(serving[0]["samples_per_s"] / max(r["samples_per_s"] for r in alone))
+    assert f"{dtype} compute" in result["notes"][0]
 
 
 def test_round_suite(tmp_path):

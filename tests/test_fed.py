@@ -141,6 +141,32 @@ def test_a_host_keeps_one_copy_of_the_global_vector_for_its_clients(tmp_path, mo
     assert len({p for r, p in seen if r == 1}) == 1 and len({p for r, p in seen if r == 2}) == 1
 
 
+def test_bfloat16_server_body_runs_the_body_in_bfloat16_and_stays_close(tmp_path, monkeypatch) -> None:
+    from sfprompt_mpi.fed.server import Server
+    dtypes = []
+    body = Server._body
+
+    def spying(self, acts_BND):  # the dtype a Linear layer of the body computes in
+        block = self.model.vit.blocks[self.model.head_blocks]  # the body's first block
+        linear = next(m for m in block.modules() if isinstance(m, torch.nn.Linear))
+        hook = linear.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+        try:
+            return body(self, acts_BND)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(Server, "_body", spying)
+    base = {"fed": {"clients": 2, "rounds": 1}, "data": {"max_train_samples": 60, "max_test_samples": 20}}
+    *_, f32, _ = _reference(tmp_path / "f32", base)
+    *_, bf16, _ = _reference(tmp_path / "bf16", {**base, "comm": {"server_dtype": "bfloat16"}})
+
+    assert set(dtypes[:len(dtypes) // 2]) == {torch.float32} and set(dtypes[len(dtypes) // 2:]) == {torch.bfloat16}
+    a, b = (torch.cat([s.global_state[n].flatten() for n in sorted(s.global_state)]) for s in (f32, bf16))
+    assert not torch.equal(a, b)  # the body really ran in bfloat16 ...
+    assert float((a - b).norm() / a.norm()) < 0.05  # ... and one round moved the parameters about the same way
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+
+
 # -- whole runs -------------------------------------------------------------------------
 def test_default_job_learns_digits_far_above_chance(tmp_path) -> None:
     # The offline default (digits, micro ViT from random weights, 4 clients, 10 rounds).

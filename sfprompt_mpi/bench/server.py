@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, default=3, help="alternating baseline/serving trials (best kept)")
     p.add_argument("--device", default="cpu", help="server device: cpu, cuda, cuda:0 ...")
     p.add_argument("--wire-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--server-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the body's compute dtype in both measurements (--server-dtype of the run)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: all cores; more than one is slower "
                    "on a shared or oversubscribed CPU)")
 
@@ -113,7 +115,8 @@ def run(args: argparse.Namespace) -> Report:
         raise UserError(f"--device {args.device} but no CUDA device is visible")
     cfg = build_config({"model": {"name": args.model},
                         "fed": {"clients": args.clients, "batch_size": args.batch_size, "rounds": 10**6},
-                        "comm": {"server_batch": args.server_batch, "wire_dtype": args.wire_dtype}})
+                        "comm": {"server_batch": args.server_batch, "wire_dtype": args.wire_dtype,
+                                 "server_dtype": args.server_dtype}})
     model = build_model(cfg.model, 10, seed=0, quiet=True)
     layout = Layout(model, trainable_names(model, cfg))
     freeze_except(model, set(layout.names))
@@ -126,7 +129,7 @@ def run(args: argparse.Namespace) -> Report:
     empty = TensorDataset(torch.empty(0, 3, 32, 32), torch.empty(0, dtype=torch.long))
     server = Server(cfg, model, layout, empty, {1: list(range(args.clients))}, script, device=device)
     script.update = layout.flatten(server.global_state)
-    body = server.model.body
+    body = server._body  # the body as the server runs it (autocast with --server-dtype bfloat16)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -176,7 +179,7 @@ def run(args: argparse.Namespace) -> Report:
                  "busy_frac": busy / max(rows_served["round_s"], 1e-12)})
     ratio = best_serving / best_alone[best_batch]
     notes = [f"{args.model} body ({model.depth - model.head_blocks - model.tail_blocks} blocks, N={n}, D={d}) on "
-             f"{device}, float32 compute, {args.wire_dtype} on the wire, server batch {args.server_batch}, "
+             f"{device}, {args.server_dtype} compute, {args.wire_dtype} on the wire, server batch {args.server_batch}, "
              f"{args.steps} steps x batch {b} per client; best body-alone batch {best_batch}"]
     return Report("server", rows, "serving / body-alone throughput", ratio, ">= 0.8 on a GPU", notes,
                   extra={"best_alone_batch": best_batch})

@@ -87,6 +87,7 @@ class Server:
         self._body_params = [params[n].requires_grad_(True) for n in self.body_names]
         self.body_opt = make_optimizer(self._body_params, cfg, cfg.fed.lr) if self._body_params else None
         self.sequential = self.body_opt is not None
+        self.body_bf16 = cfg.comm.server_dtype == "bfloat16"
         self._started: tuple[int, list[int], torch.Tensor, float] | None = None  # round, selected, global_F, t0
 
     # -- whole run -----------------------------------------------------------------
@@ -400,7 +401,7 @@ class Server:
         need_grad = keep_graph and (any(m.header.aux for m in members) or self.body_opt is not None)
         with torch.set_grad_enabled(need_grad):
             leaf = acts_BND.requires_grad_(need_grad)
-            out_BND = self.model.body(leaf)
+            out_BND = self._body(leaf)
         offset = 0
         for m in members:
             b = m.header.shape[0]
@@ -419,7 +420,7 @@ class Server:
         if group.out_BND is None:  # graph was not kept: recompute the frozen body's forward
             leaf = group.acts_BND.detach().requires_grad_(True)
             with torch.enable_grad():
-                out_BND = self.model.body(leaf)
+                out_BND = self._body(leaf)
         else:
             leaf, out_BND = group.acts_BND, group.out_BND
         g_BND = self._body_backward(out_BND, leaf, grad_BND)
@@ -433,9 +434,18 @@ class Server:
             offset += b
         stat["bwd"] += time.perf_counter() - t0
 
+    def _body(self, acts_BND: torch.Tensor) -> torch.Tensor:
+        """The body's forward, under bfloat16 autocast when ``--server-dtype bfloat16``.
+
+        Weights stay float32; matrix products run in bfloat16 (the inputs'
+        gradient comes back in float32, the leaf's dtype)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.body_bf16):
+            return self.model.body(acts_BND)
+
     def _body_backward(self, out_BND: torch.Tensor, leaf: torch.Tensor, grad_BND: torch.Tensor) -> torch.Tensor:
         """dL/dacts for the clients; with a server-trained body (sfl-full) also one optimiser
         step on the body, taken after the clients' gradient was computed with the old weights."""
+        grad_BND = grad_BND.to(out_BND.dtype)
         if self.body_opt is None:
             (g_BND,) = torch.autograd.grad(out_BND, leaf, grad_BND)
             return g_BND
