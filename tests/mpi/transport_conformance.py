@@ -399,11 +399,12 @@ def run_mpi(kind: str) -> None:
 
     from sfprompt_mpi.comm import build_transport
     from sfprompt_mpi.errors import UserError
+    from sfprompt_mpi.node import node_layout
 
     comm = MPI.COMM_WORLD
     g = MPIGroup(comm)
     if kind == "gloo":
-        node_size = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+        node_size = node_layout(comm).local_size
         if torch.cuda.device_count() < node_size:
             try:
                 build_transport("nccl", comm, None)
