@@ -195,6 +195,7 @@ def test_server_refuses_every_malformed_message_with_a_reason(server):
         (_msg(1, Kind.ACTS, nan), "NaN or Inf"),
         (_msg(1, Kind.UPDATE, torch.zeros(f + 1), aux=10), "shape"),
         (_msg(1, Kind.UPDATE, torch.zeros(f), aux=0), "sample count 0"),
+        (_msg(1, Kind.UPDATE, torch.zeros(f), aux=2**31), f"sample count {2**31} (must be 1..{2**31 - 1})"),
         (_msg(1, Kind.UPDATE, torch.full((f,), float("inf")), aux=10), "NaN or Inf"),
         (_msg(1, Kind.GRAD_OUT, good, step=3), "no body output awaiting it"),
         (_msg(1, Kind.GRAD_OUT, torch.zeros(2, n, d), step=0), "gradient shape differs"),

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from sfprompt_mpi.config import build_config
 from sfprompt_mpi.data.datasets import build_data
-from sfprompt_mpi.fed.aggregate import fedavg
+from sfprompt_mpi.fed.aggregate import ExactSum, Updates, fedavg, fedavg_flat
 from sfprompt_mpi.fed.client import take_batch
 from sfprompt_mpi.fed.pruning import el2n_scores, keep_count, select_highest
 from sfprompt_mpi.fed.state import Layout, trainable_names
@@ -58,6 +58,62 @@ def test_fedavg_is_the_exact_weighted_mean() -> None:
     assert torch.equal(fedavg([(states[1], 7)])["a"], states[1]["a"])
     with pytest.raises(ValueError):
         fedavg([])
+
+
+def _wide_vectors(k: int, f: int, seed: int) -> list[torch.Tensor]:
+    """Float32 vectors over the whole exponent range: subnormals, signed zeros, the largest finite value."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(k):
+        x = torch.randn(f, generator=g) * torch.exp2(torch.randint(-150, 128, (f,), generator=g).float())
+        x = torch.nan_to_num(x, posinf=3.0e38, neginf=-3.0e38)
+        x[:6] = torch.tensor([0.0, -0.0, 1e-45, -3e-45, 3.4028235e38, -1.17549435e-38])
+        out.append(x)
+    return out
+
+
+def test_exact_sum_is_exact_and_independent_of_order() -> None:
+    from fractions import Fraction
+
+    xs = _wide_vectors(6, 3000, seed=1)
+    ws = [1, 2**31 - 1, 7, 123456789, 3, 2**30]
+    forward, backward = ExactSum(3000), ExactSum(3000)
+    for x, w in zip(xs, ws):
+        forward.add(x, w)
+    for x, w in reversed(list(zip(xs, ws))):
+        backward.add(x, w)
+    assert torch.equal(forward.limbs_LF, backward.limbs_LF)
+    total, mean = forward.total(), forward.mean()
+    assert torch.equal(mean, backward.mean())
+    for i in range(0, 3000, 11):
+        exact = sum(Fraction(float(x[i])) * w for x, w in zip(xs, ws))
+        assert float(total[i]) == pytest.approx(float(exact), rel=4e-16, abs=0)
+        assert float(mean[i]) == float(np.float32(float(exact / sum(ws))))
+    # float64 accumulation, for contrast, does depend on the order here
+    f64 = [sum(x.double() * w for x, w in order) for order in (zip(xs, ws), reversed(list(zip(xs, ws))))]
+    assert not torch.equal(f64[0], f64[1])
+    for bad, why in ((torch.tensor([float("nan")]), "NaN"), (torch.zeros(2), "expected 1"),
+                     (torch.zeros(1, dtype=torch.float64), "float32")):
+        with pytest.raises(ValueError, match=why):
+            ExactSum(1).add(bad, 1)
+    for w in (0, 1.5, 2**31):
+        with pytest.raises(ValueError, match="weight"):
+            ExactSum(1).add(torch.ones(1), w)
+
+
+def test_streamed_updates_keep_no_vectors_and_equal_the_id_order_mean() -> None:
+    xs = _wide_vectors(5, 500, seed=2)
+    counts = [4, 9, 1, 30, 2]
+    streamed, kept = Updates(500, streaming=True), Updates(500, streaming=False)
+    for cid in (3, 0, 4, 1, 2):  # arrival order
+        streamed.add(cid, xs[cid], counts[cid])
+        kept.add(cid, xs[cid], counts[cid])
+    assert streamed.vectors == {} and len(kept.vectors) == 5 == len(streamed)
+    assert streamed.ids() == [0, 1, 2, 3, 4]
+    assert torch.equal(streamed.sum.mean(), fedavg_flat(kept.in_order()))
+    assert [c for _, c in kept.in_order()] == counts
+    with pytest.raises(ValueError, match="keeps no vectors"):
+        streamed.in_order()
 
 
 # -- the real message path -----------------------------------------------------------

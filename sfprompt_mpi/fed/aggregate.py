@@ -2,9 +2,16 @@
 
 ``fedavg`` works on state dicts; the robust aggregators work on the flat
 float32 vectors that travel (``F`` = every trainable parameter, see
-:class:`~sfprompt_mpi.fed.state.Layout`). All of them accumulate in float64 in
-the order given (callers pass client-id order, so the result never depends on
-MPI arrival order) and return float32.
+:class:`~sfprompt_mpi.fed.state.Layout`).
+
+FedAvg sums exactly (:class:`ExactSum`): a float32 vector times an integer
+sample count is an integer multiple of 2^-149, so the weighted sum is kept as
+integers and its value never depends on the order of the additions. The
+server therefore adds each update as it arrives and holds one accumulator,
+not K vectors, and the MPI run still equals the reference run bitwise. The
+robust aggregators need every update at once; they accumulate in float64 in
+the order given (callers pass client-id order, so the result never depends
+on MPI arrival order) and return float32.
 
 What one client can do to the global vector, per aggregator (K clients):
 
@@ -29,34 +36,144 @@ import torch
 from ..config import AGGREGATORS
 
 StateDict = Mapping[str, torch.Tensor]
-__all__ = ["AGGREGATORS", "aggregate", "clip_delta", "fedavg", "fedavg_flat", "median", "norm_clip", "trimmed_mean"]
+__all__ = ["AGGREGATORS", "ExactSum", "Updates", "aggregate", "clip_delta", "fedavg", "fedavg_flat", "median",
+           "norm_clip", "trimmed_mean"]
+
+_LIMB = 32                        # bits per limb; limb j holds the multiples of 2^(32 j - 149)
+_MASK = (1 << _LIMB) - 1
+_LIMBS = 10                       # 2^-149 .. 2^(320 - 149): every float32 times a weight below 2^31, summed
+MAX_WEIGHT = (1 << 31) - 1        # weights (sample counts) are integers in 1..MAX_WEIGHT
+_MAX_TERMS = 1 << 29              # each addition adds < 2^33 to a limb: int64 holds 2^29 of them
+_CHUNK = 1 << 14                  # values per vectorised piece
+_NEXT_3x1 = torch.arange(3).unsqueeze(1)   # a value touches limbs q, q + 1, q + 2
+
+
+class ExactSum:
+    """Exact sum of ``weight * x`` over float32 vectors ``x`` and integer weights.
+
+    Each float32 value is ``±M * 2^s * 2^-149`` with an integer ``M < 2^24``
+    and ``0 <= s <= 253`` (read from its bits; subnormals included), so
+    ``weight * x`` is an integer multiple of 2^-149 below 2^308. Ten int64
+    limbs of 32 bits hold such sums with room for 2^29 additions; integer
+    addition is associative, so the limbs, and :meth:`mean`, are the same for
+    any order of :meth:`add` calls. Memory: 80 bytes per coordinate.
+    """
+
+    def __init__(self, numel: int) -> None:
+        self.numel = numel
+        self.limbs_LF = torch.zeros(_LIMBS, numel, dtype=torch.int64)
+        self.weight = 0
+        self.terms = 0
+
+    def add(self, x_F: torch.Tensor, weight: int) -> None:
+        """Add ``weight * x_F`` (``x_F``: finite float32, ``numel`` values; ``weight``: integer >= 1)."""
+        if x_F.dtype != torch.float32 or x_F.numel() != self.numel:
+            raise ValueError(f"expected {self.numel} float32 values, got {x_F.numel()} {x_F.dtype}")
+        if int(weight) != weight or not 1 <= weight <= MAX_WEIGHT:
+            raise ValueError(f"weight must be an integer in 1..{MAX_WEIGHT}, got {weight}")
+        if self.terms >= _MAX_TERMS:
+            raise ValueError(f"ExactSum holds at most {_MAX_TERMS} terms")
+        if not bool(torch.isfinite(x_F).all()):
+            raise ValueError("cannot sum NaN or Inf")
+        x_F = x_F.detach().reshape(-1).cpu()
+        for start in range(0, self.numel, _CHUNK):   # cache-sized pieces: 8x faster than whole vectors
+            _add_chunk(self.limbs_LF[:, start:start + _CHUNK], x_F[start:start + _CHUNK], int(weight))
+        self.weight += int(weight)
+        self.terms += 1
+
+    def total(self) -> torch.Tensor:
+        """The sum, rounded to float64 (a function of the exact sum alone)."""
+        out_F = torch.empty(self.numel, dtype=torch.float64)
+        for start in range(0, self.numel, _CHUNK):
+            limbs = self.limbs_LF[:, start:start + _CHUNK].clone()
+            for j in range(_LIMBS - 1):                # carries: limbs 0..8 in [0, 2^32), the top one signed
+                carry = limbs[j] >> _LIMB
+                limbs[j] -= carry << _LIMB
+                limbs[j + 1] += carry
+            acc = limbs[-1].to(torch.float64)
+            for j in range(_LIMBS - 2, -1, -1):
+                acc = acc * float(1 << _LIMB) + limbs[j].to(torch.float64)
+            out_F[start:start + _CHUNK] = acc * 2.0 ** -149
+        return out_F
+
+    def mean(self) -> torch.Tensor:
+        """Sum / total weight, as float32."""
+        if not self.terms:
+            raise ValueError("mean of no updates")
+        return (self.total() / self.weight).to(torch.float32)
+
+
+def _add_chunk(limbs_LC: torch.Tensor, x_C: torch.Tensor, weight: int) -> None:
+    """limbs += weight * x for one chunk (see :class:`ExactSum`); exact for negative values too:
+    ``v = lo + hi 2^32`` with ``lo`` in [0, 2^32) and ``hi`` rounded down, and likewise after the shift."""
+    bits_C = x_C.view(torch.int32).to(torch.int64)
+    biased_C = (bits_C >> 23) & 0xFF
+    v_C = ((bits_C & 0x7FFFFF) | ((biased_C > 0).to(torch.int64) << 23)) * weight   # M w < 2^55
+    v_C = torch.where(bits_C < 0, -v_C, v_C)
+    shift_C = (biased_C - 1).clamp_(min=0)                  # x = ±M 2^shift 2^-149, shift in 0..253
+    r_C = shift_C & (_LIMB - 1)
+    lo_C = (v_C & _MASK) << r_C                             # in [0, 2^63)
+    hi_C = (v_C >> _LIMB) << r_C                            # |.| < 2^55
+    parts_3C = torch.stack([lo_C & _MASK, (lo_C >> _LIMB) + (hi_C & _MASK), hi_C >> _LIMB])
+    limbs_LC.scatter_add_(0, (shift_C >> 5) + _NEXT_3x1, parts_3C)   # q = shift // 32
 
 
 def fedavg(updates: Sequence[tuple[StateDict, float]]) -> dict[str, torch.Tensor]:
-    """Weighted mean of state dicts, weights normalised to sum to one.
+    """Weighted mean of state dicts by integer weights (sample counts), summed exactly.
 
-    Accumulates in float64 in the order given (callers pass client-id order,
-    so the result never depends on arrival order) and casts back to each
-    tensor's dtype.
+    The result does not depend on the order of ``updates``. Tensors of at
+    most 32-bit floats; each comes back in its own dtype.
     """
     if not updates:
         raise ValueError("fedavg needs at least one update")
-    total = float(sum(w for _, w in updates))
-    if not total > 0:
-        raise ValueError(f"fedavg weights must sum to > 0, got {total}")
-    names = list(updates[0][0].keys())
     out = {}
-    for name in names:
-        acc = torch.zeros_like(updates[0][0][name], dtype=torch.float64)
+    for name, first in updates[0][0].items():
+        if first.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"fedavg sums float32, float16 and bfloat16 tensors exactly; {name} is {first.dtype}")
+        acc = ExactSum(first.numel())
         for state, w in updates:
-            acc += state[name].to(torch.float64) * (float(w) / total)
-        out[name] = acc.to(updates[0][0][name].dtype)
+            acc.add(state[name].reshape(-1).to(torch.float32), w)
+        out[name] = acc.mean().reshape(first.shape).to(first.dtype)
     return out
 
 
 def fedavg_flat(updates: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:
     """Weighted mean of flat vectors: bitwise what :func:`fedavg` gives tensor by tensor."""
     return fedavg([({"F": u}, w) for u, w in updates])["F"]
+
+
+class Updates:
+    """One round attempt's client updates, taken as they arrive.
+
+    For FedAvg (``streaming``) each vector goes into an :class:`ExactSum` on
+    arrival and is dropped: the server holds one accumulator whatever K is.
+    The other aggregators and DP-FedAvg keep every vector until the end.
+    """
+
+    def __init__(self, numel: int, streaming: bool) -> None:
+        self.counts: dict[int, int] = {}                # client id -> sample count
+        self.vectors: dict[int, torch.Tensor] = {}      # kept only when not streaming
+        self.sum = ExactSum(numel) if streaming else None
+
+    def add(self, cid: int, x_F: torch.Tensor, count: int) -> None:
+        if self.sum is not None:
+            self.sum.add(x_F, count)
+        else:
+            self.vectors[cid] = x_F
+        self.counts[cid] = int(count)
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def ids(self) -> list[int]:
+        """Client ids that sent an update, ascending."""
+        return sorted(self.counts)
+
+    def in_order(self) -> list[tuple[torch.Tensor, int]]:
+        """(vector, count) pairs in client-id order (only when not streaming)."""
+        if self.sum is not None:
+            raise ValueError("a streaming FedAvg keeps no vectors")
+        return [(self.vectors[c], self.counts[c]) for c in self.ids()]
 
 
 def median(vectors: Sequence[torch.Tensor]) -> torch.Tensor:

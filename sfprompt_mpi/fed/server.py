@@ -3,8 +3,9 @@
 The server holds the full model but trains nothing in SFPrompt: the body is
 frozen, so it may serve clients in any order and run several clients'
 activations through one body pass (``server_batch``) without changing the
-mathematics. Updates are aggregated in client-id order, so the result never
-depends on MPI arrival order.
+mathematics. FedAvg sums updates exactly as they arrive (one accumulator, not
+K vectors); the other aggregators take them in client-id order. Either way
+the result never depends on MPI arrival order.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..comm.protocol import (ANY_SOURCE, HEADER_BYTES, ROUND_ATTEMPT_STRIDE, Kin
 from ..config import Config
 from ..errors import RunStopped
 from ..model.split import PromptedViT
-from .aggregate import aggregate
+from .aggregate import MAX_WEIGHT, Updates, aggregate
 from .dp import dp_epsilon, dp_fedavg
 from .checkpoint import save_checkpoint
 from .client import WIRE_DTYPES, iter_batches, make_optimizer, take_batch
@@ -113,9 +114,9 @@ class Server:
             self._start(rnd)
         _, selected, global_F, t_round = self._started
         updates, served, dropped = self._attempts(rnd, selected, global_F)
-        order = sorted(updates)
-        weights = [updates[c][1] for c in order]
-        new_F, agg_stats = self._aggregate(rnd, global_F, [updates[c] for c in order], len(selected))
+        order = updates.ids()
+        weights = [updates.counts[c] for c in order]
+        new_F, agg_stats = self._aggregate(rnd, global_F, updates, len(selected))
         self.global_state = self.layout.unflatten(new_F)
         self.layout.write(self.model, self.global_state)
         counts = self.transport.counter.snapshot_and_reset()  # before the next round's messages
@@ -158,8 +159,7 @@ class Server:
                 params[n].copy_(tensors[n])
 
     # -- attempts, aggregation ---------------------------------------------------------
-    def _attempts(self, rnd: int, selected: list[int], global_F: torch.Tensor
-                  ) -> tuple[dict[int, tuple[torch.Tensor, int]], dict, set[int]]:
+    def _attempts(self, rnd: int, selected: list[int], global_F: torch.Tensor) -> tuple[Updates, dict, set[int]]:
         """Run round ``rnd`` until at least ``--min-clients`` clients survive it.
 
         A retry (at most ``--round-retries``) leaves out the clients whose host
@@ -175,7 +175,7 @@ class Server:
             if attempt:  # the first attempt was started by _start
                 self._send_start(tag, chosen, global_F)
             updates, served = self._serve(tag, set(chosen))
-            dropped = set(selected) - set(updates)
+            dropped = set(selected) - updates.counts.keys()
             if len(updates) >= comm.min_clients:
                 return updates, served, dropped
             excluded |= self._timed_out
@@ -207,10 +207,17 @@ class Server:
             for cid in mine.tolist():
                 self.transport.send(rank, header_for(Kind.PARAMS, global_F, round=tag, client=cid), global_F)
 
-    def _aggregate(self, rnd: int, global_F: torch.Tensor, updates: list[tuple[torch.Tensor, int]],
+    def _streams(self) -> bool:
+        """Whether updates are summed on arrival (plain FedAvg) rather than kept until the end."""
+        return self.cfg.fed.aggregator == "fedavg" and self.cfg.fed.dp_clip <= 0
+
+    def _aggregate(self, rnd: int, global_F: torch.Tensor, updates: Updates,
                    selected: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """The new global vector from the surviving updates (client-id order) by ``--aggregator``, or DP-FedAvg."""
+        """The new global vector from the surviving updates by ``--aggregator``, or DP-FedAvg."""
         fed = self.cfg.fed
+        if updates.sum is not None:
+            return updates.sum.mean(), {}
+        updates = updates.in_order()
         if fed.dp_clip > 0:
             new_F, stats = dp_fedavg(global_F, [u for u, _ in updates], clip=fed.dp_clip, noise=fed.dp_noise,
                                      selected=selected, seed=self.cfg.run.seed, rnd=rnd)
@@ -224,7 +231,7 @@ class Server:
             self.metrics.event(rnd, kind, text)
 
     # -- serving the body ------------------------------------------------------------
-    def _serve(self, tag: int, selected: set[int]) -> tuple[dict[int, tuple[torch.Tensor, int]], dict]:
+    def _serve(self, tag: int, selected: set[int]) -> tuple[Updates, dict]:
         """Answer ACTS and GRAD_OUT until every selected client has sent its UPDATE or left.
 
         ``tag``: the header round field of this attempt (:func:`round_tag`).
@@ -235,7 +242,7 @@ class Server:
         waiting for others.
         """
         rnd = round_of(tag)
-        updates: dict[int, tuple[torch.Tensor, int]] = {}
+        updates = Updates(self.layout.numel, streaming=self._streams())
         self._client_bytes: dict[int, int] = {}
         self._chosen = set(selected)
         self._timed_out: set[int] = set()
@@ -248,8 +255,8 @@ class Server:
         limit = self.cfg.comm.client_timeout
         heard = {rank: time.monotonic() for rank in self.hosts}  # last message from each host rank
         next_ping = time.monotonic() + limit / 2
-        while active - set(updates):
-            missing = sorted(active - set(updates))
+        while active - updates.counts.keys():
+            missing = sorted(active - updates.counts.keys())
             # sfl-full trains the body: serve one client at a time, in id order; the others' messages wait in MPI.
             owing = {self.host_of[missing[0]]} if self.sequential else {self.host_of[c] for c in missing}
             due = min(min(heard[r] for r in owing) + limit, next_ping)
@@ -291,7 +298,7 @@ class Server:
                 if len(groups[gid].grads) == len(groups[gid].members):
                     self._backward(groups.pop(gid), active, stat)
             elif kind == Kind.UPDATE:
-                updates[msg.header.client] = (msg.payload, msg.header.aux)
+                updates.add(msg.header.client, msg.payload, msg.header.aux)
             # Batch every activation that has already arrived, up to server_batch clients.
             if pending and (self.sequential or len(pending) >= self.cfg.comm.server_batch
                             or not self.transport.poll()):
@@ -375,8 +382,8 @@ class Server:
             raise ProtocolError(f"client {h.client} is not selected in round {rnd}")
         if h.kind == Kind.UPDATE:
             expect(h, Kind.UPDATE, shape=(self.layout.numel,), dtype=torch.float32)
-            if h.aux <= 0:
-                raise ProtocolError(f"update with sample count {h.aux}")
+            if not 1 <= h.aux <= MAX_WEIGHT:
+                raise ProtocolError(f"update with sample count {h.aux} (must be 1..{MAX_WEIGHT})")
         else:
             n, d = self.model.tokens, self.model.width
             if h.shape is None or len(h.shape) != 3 or h.shape[1:] != (n, d) or h.shape[0] < 1:
