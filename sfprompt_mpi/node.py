@@ -11,6 +11,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+#: How long a waiting rank spins before it naps (the transport's wait policy,
+#: explained in ``comm/mpi.py``): briefly when ranks outnumber CPUs, longer
+#: when each rank has a CPU of its own.
+SPIN_S = 1e-3
+DEDICATED_SPIN_S = 0.2
+
 
 def my_cpus() -> set[int]:
     """The CPUs this process may run on (its affinity mask: cgroups and srun binding included)."""
@@ -34,9 +40,23 @@ class NodeLayout:
         return self.local_size > self.cpus
 
     @property
+    def spin_s(self) -> float:
+        """How long a wait spins before it naps on this node."""
+        return SPIN_S if self.oversubscribed else DEDICATED_SPIN_S
+
+    @property
     def threads_per_rank(self) -> int:
         """CPUs per rank, at least one."""
         return max(1, self.cpus // self.local_size)
+
+
+def wait_policy(layout: NodeLayout) -> str:
+    """The wait policy in words, for the start-up log."""
+    return f"waiting ranks {'nap after' if layout.oversubscribed else 'spin up to'} {_duration(layout.spin_s)}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1e3:g} ms" if seconds < 1 else f"{seconds:g} s"
 
 
 def single_process_layout() -> NodeLayout:

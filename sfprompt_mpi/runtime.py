@@ -36,6 +36,7 @@ from .metrics.h5 import MetricsWriter, link_rank_files
 from .fed.algos import algo_of, build_run_model
 from .model.split import apply_client_cut, freeze_except
 from .model.vit import build_backbone
+from .node import wait_policy
 from .run import World, client_hosts, set_threads, setup_logging
 
 log = logging.getLogger("sfprompt_mpi")
@@ -161,8 +162,7 @@ def run_job(cfg: Config, world: World, started: float | None = None) -> int:
         world.comm.Barrier()
     node = world.node
     log.info("setup took %.1f s on %d rank(s) (imports, data, model, checks); rank 0's node: %d rank(s) on %d CPU(s), "
-             "%s", time.monotonic() - started, world.size, node.local_size, node.cpus,
-             "waiting ranks nap after 1 ms" if node.oversubscribed else "waiting ranks spin up to 0.2 s")
+             "%s", time.monotonic() - started, world.size, node.local_size, node.cpus, wait_policy(node))
     if world.single:
         run_reference(cfg, model, layout, data, hosts, run_dir, global_state, start, resume_round)
     else:

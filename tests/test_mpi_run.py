@@ -109,7 +109,7 @@ def test_mpi_run_equals_reference_run_bitwise(runs):
     assert all((run_dir / "metrics" / f"rank{r:05d}.h5").is_file() for r in range(3))
     np.testing.assert_array_equal(_series(run_dir, "test_acc"), _series(runs.get("reference")[0], "test_acc"))
     cpus = len(os.sched_getaffinity(0))
-    policy = "nap after 1 ms" if 3 > cpus else "spin up to 0.2 s"
+    policy = "nap after 1 ms" if 3 > cpus else "spin up to 200 ms"
     assert f"rank 0's node: 3 rank(s) on {cpus} CPU(s), waiting ranks {policy}" in runs.get("mpi")[1].output
 
 

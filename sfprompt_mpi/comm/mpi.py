@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from ..node import NodeLayout, node_layout
+from ..node import DEDICATED_SPIN_S, SPIN_S, NodeLayout, node_layout
 from .protocol import (ANY_SOURCE, HEADER_LEN, ByteCounter, Header, Message, PayloadTimeout, ProtocolError,
                        pack_header, unpack_header)
 
@@ -52,8 +52,8 @@ CLOSE_TIMEOUT_S = 60.0
 #   (measured, 1 MB on 2 cores). So the wait spins for _DEDICATED_SPIN_S first.
 # A payload whose header has arrived is already on its way and needs our calls
 # into MPI to progress, so its wait spins longer before it naps.
-_SPIN_S = 1e-3
-_DEDICATED_SPIN_S = 0.2
+_SPIN_S = SPIN_S                       # both set in node.py, where the start-up log reads them too
+_DEDICATED_SPIN_S = DEDICATED_SPIN_S
 _PAYLOAD_SPIN_S = 5e-2
 # After sending a large payload the reply may follow as soon as the peer has
 # received it, which for large messages takes longer than _SPIN_S: a nap then
@@ -274,7 +274,7 @@ class MPITransport:
         self._stuck: list[Any] = []  # receive buffers a timed-out receive may still write into
         self._pinned = _PinnedPool()
         self._received = _RecvPool()
-        self._min_spin_s = _SPIN_S if self.layout.oversubscribed else _DEDICATED_SPIN_S
+        self._min_spin_s = self.layout.spin_s
         self._spin_s = self._min_spin_s  # how long the next receive spins before it naps
         self._closed = False
 
