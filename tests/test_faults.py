@@ -179,6 +179,37 @@ def _msg(source: int, kind: Kind, payload: torch.Tensor | None, *, round: int = 
     return Message(source, Header(kind, round, client, step, dtype, shape, aux), payload)
 
 
+def _server_with(hub: LoopbackHub, fed: dict) -> Server:
+    cfg = build_config({"fed": {"clients": 4, "batch_size": 16, **fed}})
+    model = build_model(cfg.model, 10, cfg.run.seed, quiet=True)
+    return Server(cfg, model, Layout(model, trainable_names(model, cfg)), [], {1: [0, 1], 2: [2, 3]},
+                  hub.endpoint(0))
+
+
+@pytest.mark.parametrize("fed, streams", [({}, True), ({"aggregator": "median"}, False),
+                                          ({"dp_clip": 1.0}, False)])
+def test_fedavg_updates_are_summed_on_arrival_whatever_the_order(fed, streams):
+    g = torch.Generator().manual_seed(3)
+    results = []
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
+        hub = LoopbackHub(3)
+        srv = _server_with(hub, fed)
+        f = srv.layout.numel
+        if not results:
+            vectors = [torch.randn(f, generator=g) * 10.0 ** (c - 2) for c in range(4)]
+        for c in order:  # the hosts' updates arrive in this order
+            host = 1 if c < 2 else 2
+            hub.endpoint(host).send(0, Header(Kind.UPDATE, round_tag(5), c, 0, torch.float32, (f,), 10 + c),
+                                    vectors[c])
+        updates, _ = srv._serve(round_tag(5), {0, 1, 2, 3})
+        assert updates.ids() == [0, 1, 2, 3] and len(updates.vectors) == (0 if streams else 4)
+        new_F, _ = srv._aggregate(5, vectors[0], updates, 4)
+        results.append(new_F)
+    assert all(torch.equal(r, results[0]) for r in results)
+    if streams:
+        assert torch.equal(results[0], fedavg_flat([(v, 10 + c) for c, v in enumerate(vectors)]))
+
+
 def test_server_refuses_every_malformed_message_with_a_reason(server):
     n, d, f = server.model.tokens, server.model.width, server.layout.numel
     good = torch.zeros(4, n, d)
