@@ -27,13 +27,12 @@ SFPrompt as configured against FedAvg full fine-tuning.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from .config import FIELDS, Config, build_config, build_parser, load_toml
 from .errors import EXIT_USER_ERROR, UserError
+from .output import write_json
 
 #: Clients when ``--clients`` is 0, as in a single-process run.
 DEFAULT_CLIENTS = 4
@@ -249,14 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         result = estimate(cfg, args.samples_per_client, args.fedavg_epochs)
         print(render(result))
         if args.json:
-            text = json.dumps(result, indent=2, sort_keys=True)
-            if args.json == "-":
-                print(text)
-            else:
-                try:
-                    Path(args.json).write_text(text + "\n")
-                except OSError as exc:
-                    raise UserError(f"cannot write --json {args.json}: {exc.strerror or exc}") from None
+            write_json(args.json, result, indent=2, sort_keys=True)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -18,7 +18,6 @@ Dirichlet) is ``configs/paper/*.toml`` x ``--algo``, e.g. with
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 from .config import ALGOS
 from .errors import EXIT_USER_ERROR, UserError
+from .output import write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--algos", default=",".join(ALGOS), help="comma-separated algorithms (default: all)")
     ap.add_argument("--out", type=Path, default=None,
                     help="directory for the run directories (default runs/table-<time>)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    ap.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON to OUT ('-': stdout)")
     ap.add_argument("run_flags", nargs="*", help="flags for every run, after --")
     return ap
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                          progress=lambda line: print(line, file=sys.stderr))
         print(render(rows, args.rounds))
         if args.json:
-            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+            write_json(args.json, rows, indent=2)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

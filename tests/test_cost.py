@@ -100,3 +100,20 @@ def test_bad_input_is_one_line_and_exit_2(argv, words, capsys):
     err = capsys.readouterr().err
     assert code == EXIT_USER_ERROR
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and words in err
+
+
+def test_json_goes_to_stdout_for_dash_and_an_unwritable_path_is_one_line(tmp_path, capsys):
+    assert main(["--json", "-"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("\n{") + 1:])["model"] == "vit_micro_patch8_32"
+
+    nested = tmp_path / "new" / "dir" / "cost.json"
+    assert main(["--json", str(nested)]) == 0
+    assert json.loads(nested.read_text())["model"] == "vit_micro_patch8_32"
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    capsys.readouterr()
+    assert main(["--json", str(blocker / "cost.json")]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write --json {blocker / 'cost.json'}:"), err

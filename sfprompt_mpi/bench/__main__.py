@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
               "wire": runs.add_wire_arguments}
     for name, add in adders.items():
         p = subs.add_parser(name, help=SUITES[name], description=SUITES[name])
-        p.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON to OUT")
+        p.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON to OUT ('-': stdout)")
         add(p)
     return parser
 

@@ -11,7 +11,6 @@ message instead of stalling it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..output import write_json
 
 #: Environment variables that a process started by an MPI launcher has.
 MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
@@ -80,8 +80,7 @@ def emit(report: Report, argv: list[str], json_path: str | None) -> None:
     for note in report.notes:
         print(f"# {note}")
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report.to_dict(argv), indent=1, default=_json_default) + "\n")
+        write_json(json_path, report.to_dict(argv), indent=1, default=_json_default)
     print(report.last_line(), flush=True)
 
 
