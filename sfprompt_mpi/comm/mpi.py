@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from ..node import DEDICATED_SPIN_S, SPIN_S, NodeLayout, node_layout
+from ..node import SPIN_S, NodeLayout, node_layout
 from .protocol import (ANY_SOURCE, HEADER_LEN, ByteCounter, Header, Message, PayloadTimeout, ProtocolError,
                        pack_header, unpack_header)
 
@@ -49,17 +49,16 @@ CLOSE_TIMEOUT_S = 60.0
 # - With a CPU per rank nobody needs the core, and naps cost more than they
 #   save: when both ends of an exchange nap, each reply waits for the other's
 #   nap, and a ping-pong can lock into ~1.3 ms round trips instead of 0.2 ms
-#   (measured, 1 MB on 2 cores). So the wait spins for _DEDICATED_SPIN_S first.
+#   (measured, 1 MB on 2 cores). So the wait spins for DEDICATED_SPIN_S first.
+# (SPIN_S and DEDICATED_SPIN_S live in node.py, where the start-up log reads them too.)
 # A payload whose header has arrived is already on its way and needs our calls
 # into MPI to progress, so its wait spins longer before it naps.
-_SPIN_S = SPIN_S                       # both set in node.py, where the start-up log reads them too
-_DEDICATED_SPIN_S = DEDICATED_SPIN_S
 _PAYLOAD_SPIN_S = 5e-2
 # After sending a large payload the reply may follow as soon as the peer has
-# received it, which for large messages takes longer than _SPIN_S: a nap then
+# received it, which for large messages takes longer than SPIN_S: a nap then
 # adds up to 1 ms per message (16 MB ping-pong on 2 cores: 3.8 ms round trip
 # instead of 2.9 ms). So the next receive spins for about the time such a
-# payload takes to move at _SPIN_RATE bytes/s, within [_SPIN_S, _PAYLOAD_SPIN_S].
+# payload takes to move at _SPIN_RATE bytes/s, within [SPIN_S, _PAYLOAD_SPIN_S].
 # Small payloads, the many-ranks-per-core case, keep the 1 ms spin.
 _SPIN_RATE = 1e9
 _NAP_FIRST_S = 2e-5
@@ -68,7 +67,7 @@ _NAP_MAX_S = 1e-3
 T = TypeVar("T")
 
 
-def poll_until(test: Callable[[], T | None], deadline: float, spin_s: float = _SPIN_S) -> T | None:
+def poll_until(test: Callable[[], T | None], deadline: float, spin_s: float = SPIN_S) -> T | None:
     """Call ``test`` until it returns something other than None or ``deadline``
     (``time.monotonic``) passes; None on timeout. Spins for ``spin_s``, then naps."""
     start = time.monotonic()
@@ -153,8 +152,7 @@ def _storage_handle(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-_CAN_COUNT_USERS = hasattr(torch._C, "_storage_Use_Count")
-_use_count = getattr(torch._C, "_storage_Use_Count", None)
+_use_count = getattr(torch._C, "_storage_Use_Count", None)  # None: this torch cannot count, so no pooling
 
 
 class _RecvPool:
@@ -178,7 +176,7 @@ class _RecvPool:
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> torch.Tensor:
         """An uninitialised CPU tensor of ``shape`` and ``dtype`` (``nbytes`` bytes) to receive into."""
-        if nbytes < self.MIN_BYTES or not _CAN_COUNT_USERS:
+        if nbytes < self.MIN_BYTES or _use_count is None:
             return torch.empty(shape, dtype=dtype)
         for buf, handle, idle in self._bufs:
             if buf.numel() == nbytes and _use_count(handle) == idle:
@@ -255,9 +253,9 @@ class MPITransport:
     latest, at :meth:`close`). Such a modification is detected and raised as an
     error if the send is still in flight when the transport next looks.
 
-    A wait spins, then naps (see ``_SPIN_S``): briefly when the node has more
+    A wait spins, then naps (see ``SPIN_S``): briefly when the node has more
     ranks than CPUs (``layout``, computed collectively when not given), else
-    for up to ``_DEDICATED_SPIN_S``.
+    for up to ``DEDICATED_SPIN_S``.
 
     One thread per transport: it keeps its pending sends in a plain list.
     """
