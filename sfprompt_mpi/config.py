@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .algorithms import ALGOS
 from .errors import UserError
 
-ALGOS = ("sfprompt", "fl-full", "fl-linear", "fedpeft-prompt", "fedpeft-bias",
-         "fedpeft-adapter", "sfl-full", "sfl-linear")
 FAULTS = ("wrong-shape", "nan", "crash", "hang", "slow", "huge-norm")
 AGGREGATORS = ("fedavg", "median", "trimmed-mean", "norm-clip")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "flowers102",

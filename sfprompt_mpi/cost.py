@@ -27,6 +27,7 @@ SFPrompt as configured against FedAvg full fine-tuning.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
@@ -93,6 +94,7 @@ def estimate(cfg: Config, samples_per_client: int = 0, fedavg_epochs: int = 0) -
     from .model.vit import build_backbone
 
     n_train, classes = nominal_dataset(cfg)
+    cfg = dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, algo="sfprompt"))  # the comparison's subject
     clients = cfg.fed.clients or DEFAULT_CLIENTS
     shard = samples_per_client or n_train // clients
     if shard < 1:
@@ -107,7 +109,7 @@ def estimate(cfg: Config, samples_per_client: int = 0, fedavg_epochs: int = 0) -
     f = acc.count_pass_flops(model, full)
 
     sfp_bytes = acc.client_round_bytes(shard, cfg, tokens=model.tokens, width=model.width, flat=layout.numel,
-                                       need_grad=acc.needs_grad(cfg))
+                                       need_grad=acc.needs_grad(model, layout))
     fl_bytes = acc.fedavg_client_round_bytes(full_numel)
     sfp_total = sum(sfp_bytes["up"].values()) + sum(sfp_bytes["down"].values())
     fl_total = sum(fl_bytes["up"].values()) + sum(fl_bytes["down"].values())
@@ -157,8 +159,6 @@ def estimate(cfg: Config, samples_per_client: int = 0, fedavg_epochs: int = 0) -
 def algorithm_costs(cfg: Config, shard: int, classes: int) -> dict[str, dict[str, float]]:
     """Per ``--algo`` (every one, same model, data and epochs as ``cfg``): parameters
     exchanged, bytes per client per round, and client and server FLOPs per local sample."""
-    import dataclasses
-
     from .config import ALGOS
     from .metrics import accounting as acc
     from .model.vit import build_backbone
@@ -170,7 +170,7 @@ def algorithm_costs(cfg: Config, shard: int, classes: int) -> dict[str, dict[str
         model, layout = acc.build_meta_model(c, classes)
         f = acc.count_pass_flops(model, full)
         b = acc.client_round_bytes(shard, c, tokens=model.tokens, width=model.width, flat=layout.numel,
-                                   need_grad=acc.needs_grad(c))
+                                   need_grad=acc.needs_grad(model, layout))
         rows[name] = {"exchanged_params": layout.numel,
                       "bytes_per_client_round": sum(b["up"].values()) + sum(b["down"].values()),
                       "client_flops_per_sample": sum(acc.client_round_flops(shard, c, f).values()) / shard,

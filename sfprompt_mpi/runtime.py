@@ -30,10 +30,10 @@ from .errors import UserError
 from .fed.checkpoint import check_compatible, load_checkpoint
 from .fed.client import ClientHost
 from .fed.server import Server
-from .fed.state import Layout, server_trained_names, trainable_names
+from .fed.state import Layout
 from .metrics.accounting import describe_plan
 from .metrics.h5 import MetricsWriter, link_rank_files
-from .fed.algos import algo_of, build_run_model
+from .algorithms import build_algorithm
 from .model.split import apply_client_cut, freeze_except
 from .model.vit import build_backbone
 from .node import wait_policy
@@ -137,8 +137,9 @@ def run_job(cfg: Config, world: World, started: float | None = None) -> int:
         return 0
 
     data: FedData = _agree(world, lambda: build_data(cfg.data, _image_size(cfg), cfg.run.seed))
-    model = _agree(world, lambda: build_run_model(cfg, data.num_classes, quiet=world.rank != 0))
-    layout = Layout(model, trainable_names(model, cfg))
+    algo = build_algorithm(cfg)
+    model = _agree(world, lambda: algo.build_model(data.num_classes, quiet=world.rank != 0))
+    layout = Layout(model, algo.trained_names(model))
     freeze_except(model, set(layout.names))
     global_state = _agree(world, lambda: _load_global(cfg, layout, model) if world.rank == 0 and cfg.run.resume else None)
 
@@ -188,7 +189,7 @@ def _image_size(cfg: Config) -> int:
 
 def _load_global(cfg: Config, layout: Layout, model) -> dict[str, torch.Tensor]:
     where = Path(cfg.run.resume) / "checkpoint"
-    server_trained = set(server_trained_names(model, cfg))
+    server_trained = set(build_algorithm(cfg).server_trained_names(model))
     tensors, _ = load_checkpoint(where)
     expected = dict(zip(layout.names, layout.shapes))
     expected.update({n: tuple(p.shape) for n, p in model.named_parameters() if n in server_trained})
@@ -244,7 +245,8 @@ def _progress(cfg: Config) -> Callable[[int, dict], None]:
 
 def _build_server(cfg, model, layout, data, hosts, transport, run_dir, global_state, resume_round, device):
     metrics = MetricsWriter(run_dir, 0, role="server", attrs=_attrs(cfg, str(device)), resume_round=resume_round)
-    server = Server(cfg, model, layout, data.test, hosts, transport, device=device, metrics=metrics,
+    server = Server(cfg, model, layout, data.test, hosts, transport, algorithm=build_algorithm(cfg), device=device,
+                    metrics=metrics,
                     run_dir=str(run_dir), on_round=_progress(cfg))
     if global_state is not None:
         server.load_state(global_state)
@@ -257,8 +259,9 @@ def _build_host(cfg, rank, model, layout, data, hosts, transport, run_dir, resum
                               shards_per_client=cfg.data.shards_per_client, seed=cfg.run.seed)
     shards = {c: parts[c] for c in hosts[rank]}
     metrics = MetricsWriter(run_dir, rank, role="client", attrs=_attrs(cfg, "cpu"), resume_round=resume_round)
-    client_model = apply_client_cut(model) if algo_of(cfg).split else model
-    return ClientHost(cfg, client_model, layout, data.train, shards, transport, metrics), metrics
+    algo = build_algorithm(cfg)
+    client_model = apply_client_cut(model) if algo.split else model
+    return ClientHost(cfg, algo, client_model, layout, data.train, shards, transport, metrics), metrics
 
 
 def run_reference(cfg, model, layout, data, hosts, run_dir, global_state=None, start=1,

@@ -67,7 +67,7 @@ def _expected(run_dir: Path, world: int) -> dict[int, dict[str, dict[str, int]]]
     shards = {c: len(p) for c, p in enumerate(parts)}
     model, layout = build_meta_model(cfg, data.num_classes)
     return {rnd: round_bytes(shards, hosts, select_clients(n, cfg.fed.fraction, cfg.run.seed, rnd), cfg,
-                             tokens=model.tokens, width=model.width, flat=layout.numel, need_grad=needs_grad(cfg))
+                             tokens=model.tokens, width=model.width, flat=layout.numel, need_grad=needs_grad(model, layout))
             for rnd in range(1, cfg.fed.rounds + 1)}
 
 

@@ -1,4 +1,4 @@
-"""Trainable state: which parameters each algorithm trains, as one flat vector.
+"""Trainable state: the parameters an algorithm trains, as one flat vector.
 
 Both ends build the same model from the same config, so a name list fixes the
 layout and only the flat float32 vector ``F`` travels.
@@ -12,10 +12,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..model.split import PromptedViT
-from .algos import algo_of
 
-_CLASSIFIER = "vit.head."  # timm's classifier; fc_norm and the final norm belong to the tail
 
 
 def derive_seed(base: int, *parts: int) -> int:
@@ -23,38 +20,10 @@ def derive_seed(base: int, *parts: int) -> int:
     return int(np.random.SeedSequence([base, *parts]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def trainable_names(model: PromptedViT, cfg: Config) -> list[str]:
-    """Names of the parameters that clients train and the server aggregates, in model order.
-
-    sfprompt: prompts + tail (+ head with ``model.train_head``); sfl-full: head + tail
-    (the server trains the body itself, see :func:`server_trained_names`); fl-full: all;
-    *-linear: the classifier; fedpeft-*: prompts, biases or adapters, plus the classifier.
-    """
-    trains = algo_of(cfg).trains
-    all_names = [n for n, _ in model.named_parameters()]
-    classifier = {n for n in all_names if n.startswith(_CLASSIFIER)}
-    prompts = {n for n in all_names if n.startswith("prompts.")}
-    if trains == "prompts+tail":
-        parts = ("head", "tail") if cfg.model.train_head else ("tail",)
-        names = set(model.names_in(*parts)) | prompts
-    elif trains == "all":
-        names = set(model.names_in("head", "tail")) if algo_of(cfg).split else set(all_names)
-    elif trains == "classifier":
-        names = classifier
-    elif trains == "prompts+classifier":
-        names = prompts | classifier
-    elif trains == "bias":
-        names = {n for n in all_names if n.endswith(".bias")} | classifier
-    elif trains == "adapter":
-        names = {n for n in all_names if ".adapter." in n} | classifier
-    else:
-        raise ValueError(f"unknown training set {trains!r}")
-    return [n for n in all_names if n in names]
-
-
-def server_trained_names(model: PromptedViT, cfg: Config) -> list[str]:
-    """Parameters the server itself trains (sfl-full: the body); empty for every other algorithm."""
-    return model.names_in("body") if algo_of(cfg).server_trains_body else []
+def trainable_names(model: torch.nn.Module, cfg: Config) -> list[str]:
+    """Names of the parameters that clients train and the server aggregates (the algorithm's), in model order."""
+    from ..algorithms import build_algorithm
+    return build_algorithm(cfg).trained_names(model)
 
 
 class Layout:

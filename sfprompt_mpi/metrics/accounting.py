@@ -22,8 +22,7 @@ from torch import nn
 
 from ..comm.protocol import HEADER_BYTES
 from ..config import Config
-from ..fed.algos import algo_of, build_run_model, prompt_len, uses_sfprompt_phases
-from ..fed.pruning import keep_count
+from ..algorithms import build_algorithm
 
 WIRE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FLOAT32_BYTES = 4  # parameter vectors always travel as float32
@@ -35,9 +34,8 @@ def batch_sizes(n: int, batch_size: int) -> list[int]:
 
 
 def kept_count(shard: int, cfg: Config) -> int:
-    """Samples of a ``shard``-sample client that EL2N pruning keeps for training (SFPrompt only)."""
-    _, ratio = uses_sfprompt_phases(cfg)
-    return keep_count(shard, ratio) if ratio < 1 else shard
+    """Samples of a ``shard``-sample client that split training uses (EL2N pruning keeps fewer in SFPrompt)."""
+    return build_algorithm(cfg).kept_count(shard)
 
 
 def client_round_bytes(shard: int, cfg: Config, *, tokens: int, width: int, flat: int,
@@ -54,7 +52,7 @@ def client_round_bytes(shard: int, cfg: Config, *, tokens: int, width: int, flat
     act = sum(HEADER_BYTES + b * tokens * width * wire for b in batches)
     up = {"update": HEADER_BYTES + FLOAT32_BYTES * flat}
     down = {"params": HEADER_BYTES + FLOAT32_BYTES * flat}
-    if batches and algo_of(cfg).split:
+    if batches and build_algorithm(cfg).split:
         up["acts"] = down["body_out"] = act
         if need_grad:
             up["grad_out"] = down["grad_acts"] = act
@@ -90,21 +88,19 @@ def fedavg_client_round_bytes(numel: int) -> dict[str, dict[str, int]]:
 
 def build_meta_model(cfg: Config, num_classes: int):
     """-> (the run's model on the meta device with exactly its client-trained parameters trainable, its Layout)."""
-    from ..fed.state import Layout, server_trained_names, trainable_names
+    from ..fed.state import Layout
     from ..model.split import freeze_except
 
-    model = build_run_model(cfg, num_classes, meta=True)
-    layout = Layout(model, trainable_names(model, cfg))
-    freeze_except(model, set(layout.names) | set(server_trained_names(model, cfg)))
+    algo = build_algorithm(cfg)
+    model = algo.build_model(num_classes, meta=True)
+    layout = Layout(model, algo.trained_names(model))
+    freeze_except(model, set(layout.names) | set(algo.server_trained_names(model)))
     return model, layout
 
 
-def needs_grad(cfg: Config) -> bool:
+def needs_grad(model, layout) -> bool:
     """Whether split training sends gradients back (GRAD_OUT, GRAD_ACTS): something before the cut trains."""
-    trains = algo_of(cfg).trains
-    if trains == "prompts+tail":
-        return prompt_len(cfg) > 0 or cfg.model.train_head
-    return trains == "all"
+    return any(model.part_of(n) == "head" for n in layout.names)
 
 
 def part_sizes(model) -> dict[str, int]:
@@ -198,27 +194,13 @@ def count_pass_flops(model, full: nn.Module, *, batch: int = 2) -> PassFlops:
 
 
 def client_round_flops(shard: int, cfg: Config, f: PassFlops) -> dict[str, int]:
-    """FLOPs one client of ``shard`` samples spends in one round, per phase.
-
-    Split algorithms: 'local' (SFPrompt's local-loss epochs, fwd+bwd head->tail over all
-    samples), 'el2n' (scoring, fwd over all samples; none when nothing is pruned) and 'split'
-    (head and tail fwd+bwd over the kept ones). The others: 'train' (the whole model, fwd+bwd
-    with the algorithm's trainable set, ``split_epochs`` epochs over all samples)."""
-    fed = cfg.fed
-    if not algo_of(cfg).split:
-        return {"train": fed.split_epochs * shard * (f.model_fwd + f.model_bwd)}
-    local_on, ratio = uses_sfprompt_phases(cfg)
-    local = fed.local_epochs * shard * (f.local_fwd + f.local_bwd) if local_on else 0
-    el2n = shard * f.local_fwd if ratio < 1 else 0
-    split = fed.split_epochs * kept_count(shard, cfg) * (f.head_fwd + f.head_bwd + f.tail_fwd + f.tail_bwd)
-    return {"local": local, "el2n": el2n, "split": split}
+    """FLOPs one client of ``shard`` samples spends in one round, per phase (the algorithm's phases)."""
+    return build_algorithm(cfg).client_flops(shard, f)
 
 
 def server_round_flops(shard: int, cfg: Config, f: PassFlops) -> int:
     """FLOPs the server spends on one such client in one round: body fwd (+bwd) over its kept samples."""
-    if not algo_of(cfg).split:
-        return 0
-    return cfg.fed.split_epochs * kept_count(shard, cfg) * (f.body_fwd + f.body_bwd)
+    return build_algorithm(cfg).server_flops(shard, f)
 
 
 def fedavg_client_round_flops(shard: int, epochs: int, f: PassFlops) -> int:
@@ -237,25 +219,22 @@ def describe_plan(cfg: Config, hosts: dict[int, list[int]], world_size: int, thr
     per_client = n_train // n_clients
     k = max(1, round(cfg.fed.fraction * n_clients))
     one = client_round_bytes(per_client, cfg, tokens=model.tokens, width=model.width, flat=layout.numel,
-                             need_grad=needs_grad(cfg))
+                             need_grad=needs_grad(model, layout))
     up, down = sum(one["up"].values()), sum(one["down"].values())
     spread = sorted({len(c) for c in hosts.values()})
+    algo = build_algorithm(cfg)
+    kept = f", kept for split training: ~{algo.kept_count(per_client)}" if algo.split else ""
     lines = [
         f"plan: {cfg.fed.algo} on {cfg.data.dataset} ({n_train} training samples, {classes} classes), "
         f"{cfg.fed.rounds} rounds",
-        f"  model {cfg.model.name}: depth {model.depth}, {model.tokens} tokens x {model.width} wide on the wire",
-        f"  head  {cfg.model.head_blocks} blocks + {cfg.model.prompt_len} {cfg.model.prompt_depth} prompts: "
-        f"{count['head']:,} parameters (client)",
-        f"  body  {model.depth - cfg.model.head_blocks - cfg.model.tail_blocks} blocks: {count['body']:,} "
-        f"parameters (server, frozen)",
-        f"  tail  {cfg.model.tail_blocks} blocks + norm + classifier: {count['tail']:,} parameters (client)",
-        f"  trainable and exchanged: {layout.numel:,} parameters",
+        f"  model {cfg.model.name}: depth {model.depth}"
+        + (f", {model.tokens} tokens x {model.width} wide on the wire" if algo.split else ""),
+        *algo.describe(model, count, layout.numel),
         f"  world: {world_size} rank(s), {threads} torch thread(s) each; {n_clients} clients on "
         f"{len(hosts)} client rank(s) ({'-'.join(map(str, spread))} per rank); {k} selected per round",
-        f"  samples per client: ~{per_client} ({cfg.data.partition} partition), "
-        f"kept after pruning: ~{keep_count(per_client, cfg.fed.keep_ratio)}",
-        f"  bytes per client per round: ~{up / 1e6:.3f} MB up, ~{down / 1e6:.3f} MB down "
-        f"({cfg.comm.wire_dtype} on the wire); per round in all: ~{k * (up + down) / 1e6:.3f} MB",
+        f"  samples per client: ~{per_client} ({cfg.data.partition} partition){kept}",
+        f"  bytes per client per round: ~{up / 1e6:.3f} MB up, ~{down / 1e6:.3f} MB down"
+        + (f" ({cfg.comm.wire_dtype} on the wire)" if algo.split else "") + f"; per round in all: ~{k * (up + down) / 1e6:.3f} MB",
         "dry run: config and world size are valid; nothing was trained or written",
     ]
     return "\n".join(lines)

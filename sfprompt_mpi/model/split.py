@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Callable
 
 import torch
 from torch import nn
@@ -25,7 +26,6 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..config import ModelConfig
 from ..errors import UserError
-from .adapters import add_adapters
 from .prompts import SoftPrompts
 from .vit import build_backbone
 
@@ -140,12 +140,14 @@ class PromptedViT(nn.Module):
 
 
 def build_model(cfg: ModelConfig, num_classes: int, seed: int, *, quiet: bool = False,
-                prompt_len: int | None = None, adapters: bool = False, meta: bool = False) -> PromptedViT:
+                prompt_len: int | None = None, adapt: Callable[[PromptedViT], None] | None = None,
+                meta: bool = False) -> PromptedViT:
     """The full model, identical on every rank for a given seed.
 
     ``prompt_len`` overrides ``cfg.prompt_len`` (0 for algorithms without
-    prompts); ``adapters`` adds FedPEFT's bottleneck adapters; ``meta``
-    builds shapes only (for cost accounting)."""
+    prompts); ``adapt`` changes the model in place (an algorithm's adapters),
+    drawing from the same seeded generator; ``meta`` builds shapes only (for
+    cost accounting)."""
     prompt_len = cfg.prompt_len if prompt_len is None else prompt_len
     if prompt_len < 0:
         raise UserError(f"model.prompt_len must be >= 0, got {prompt_len}")
@@ -158,9 +160,9 @@ def build_model(cfg: ModelConfig, num_classes: int, seed: int, *, quiet: bool = 
         else:
             vit = build_backbone(cfg, num_classes, quiet=quiet)
             model = PromptedViT(vit, cfg.head_blocks, cfg.tail_blocks, prompt_len, cfg.prompt_depth)
-        if adapters:
+        if adapt is not None:
             with torch.device("meta" if meta else "cpu"):
-                add_adapters(vit, cfg.adapter_dim)
+                adapt(model)
         return model
 
 

@@ -1,0 +1,42 @@
+"""Federated algorithms as plug-ins, found by name (``--algo``).
+
+Each algorithm family is one module of this package; each algorithm is a
+subclass of :class:`~sfprompt_mpi.algorithms.base.Algorithm`. The registry
+below maps an ``--algo`` name to ``module:Class`` and imports nothing until
+an algorithm is asked for, so the config and the launcher (which check
+``--algo`` before torch is imported) stay light. Adding an algorithm is one
+module, its tests and one line here; see ``docs/algorithms.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from .base import Algorithm
+
+#: ``--algo`` name -> "module:Class" under this package, in the order tables list them.
+REGISTRY: dict[str, str] = {
+    "sfprompt": "sfprompt:SFPrompt",
+    "fl-full": "fedavg:FedAvgFull",
+    "fl-linear": "fedavg:FedAvgLinear",
+    "fedpeft-prompt": "fedpeft:FedPEFTPrompt",
+    "fedpeft-bias": "fedpeft:FedPEFTBias",
+    "fedpeft-adapter": "fedpeft:FedPEFTAdapter",
+    "sfl-full": "splitfed:SplitFedFull",
+    "sfl-linear": "splitfed:SplitFedLinear",
+}
+ALGOS = tuple(REGISTRY)
+
+
+def algorithm_class(name: str) -> type["Algorithm"]:
+    """The class registered as ``name`` (a KeyError for an unknown one; the config refuses those first)."""
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def build_algorithm(cfg: "Config") -> "Algorithm":
+    """The algorithm of ``cfg.fed.algo``, bound to ``cfg``."""
+    return algorithm_class(cfg.fed.algo)(cfg)

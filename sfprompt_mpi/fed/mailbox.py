@@ -1,0 +1,94 @@
+"""A client host's mailbox: the server's messages, with control messages and late replies handled here.
+
+Training code asks for the reply it waits for (:meth:`Mailbox.recv`); the
+mailbox answers KEEPALIVE (restarts the wait), REJECT (the running client
+leaves its round: :class:`Rejected`; a client not yet run is remembered and
+skipped), a START or STOP while a client still runs (the server moved on
+without it) and replies addressed to a client that has already left.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+from ..comm.protocol import ROUND_ATTEMPT_STRIDE, Header, Kind, Message, Transport, round_of
+
+log = logging.getLogger(__name__)
+
+SERVER = 0
+
+
+class Rejected(Exception):
+    """The server refused one of this client's messages: the client leaves the round."""
+
+
+def attempt_of(h: Header) -> tuple[int, int]:
+    """(round, attempt) of a message."""
+    return round_of(h.round), h.round // ROUND_ATTEMPT_STRIDE
+
+
+class Mailbox:
+    """The messages from the server to one client host."""
+
+    def __init__(self, transport: Transport, timeout: float) -> None:
+        self.transport = transport
+        self.timeout = timeout
+        #: (round, attempt, client) of the client training now, or None between clients.
+        self.current: tuple[int, int, int] | None = None
+        self._inbox: collections.deque[Message] = collections.deque()  # taken in by drain, not yet used
+        self._dropped: set[tuple[int, int, int]] = set()  # (round, attempt, client) dropped before it ran
+
+    def recv(self, what: str) -> Message:
+        """The next message from the server that is still of use; waits ``--client-timeout`` at most
+        between messages (the server's KEEPALIVEs restart the wait while it serves others).
+
+        Raises :class:`Rejected` when the server dropped the client now running.
+        """
+        while True:
+            if self._inbox:
+                msg = self._inbox.popleft()
+            else:
+                msg = self.transport.recv(SERVER, timeout=self.timeout, waiting_for=what)
+            if self._take(msg):
+                return msg
+
+    def drain(self) -> None:
+        """Take in, without waiting, what the server has already sent (REJECTs of clients not yet run)."""
+        while self.transport.poll(SERVER):
+            msg = self.transport.recv(SERVER, timeout=self.timeout, waiting_for="a message already announced")
+            if msg.header.kind in (Kind.REJECT, Kind.KEEPALIVE):
+                self._take(msg)
+            else:
+                self._inbox.append(msg)
+
+    def dropped(self, rnd: int, attempt: int, cid: int) -> bool:
+        """Whether the server dropped client ``cid`` from this attempt before it started."""
+        return (rnd, attempt, cid) in self._dropped
+
+    def new_attempt(self, rnd: int, attempt: int) -> None:
+        """Forget the drops of earlier attempts."""
+        self._dropped = {k for k in self._dropped if k[:2] >= (rnd, attempt)}
+
+    def _take(self, msg: Message) -> bool:
+        """Whether ``msg`` is for the caller; handles control messages and late replies itself."""
+        h = msg.header
+        key = (*attempt_of(h), h.client)
+        if h.kind == Kind.KEEPALIVE:
+            return False
+        if h.kind == Kind.REJECT:
+            if self.current == key:
+                raise Rejected("the server dropped it" + (f" at step {h.step}" if h.step >= 0 else ""))
+            # A client that has not started yet, or whose upload already left.
+            self._dropped.add(key)
+            log.warning("round %d: the server dropped client %d", key[0], h.client)
+            return False
+        if h.kind in (Kind.START, Kind.STOP) and self.current is not None:
+            # The server moved on without the running client (its REJECT went missing): leave too.
+            self._inbox.appendleft(msg)
+            raise Rejected(f"the server went on to {h.describe()}")
+        if h.kind in (Kind.BODY_OUT, Kind.GRAD_ACTS) and self.current != key:
+            # A reply to a client that has since left its round: nobody waits for it.
+            log.warning("discarded a late %s", h.describe())
+            return False
+        return True
