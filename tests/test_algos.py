@@ -23,7 +23,7 @@ from sfprompt_mpi.comm.protocol import HEADER_BYTES
 from sfprompt_mpi.config import ALGOS, build_config, parse_config
 from sfprompt_mpi.cost import algorithm_costs
 from sfprompt_mpi.data.datasets import build_data
-from sfprompt_mpi.fed.algos import build_run_model
+from sfprompt_mpi.algorithms import build_algorithm
 from sfprompt_mpi.fed.state import Layout, trainable_names
 from sfprompt_mpi.metrics.h5 import read_metrics
 from sfprompt_mpi.model.split import freeze_except
@@ -60,7 +60,7 @@ def test_every_algorithm_gives_the_same_parameters_in_one_process_and_on_3_ranks
 
 def test_fl_full_moves_exactly_every_parameter_each_way_per_client_and_round(both):
     cfg = parse_config(FLAGS + ["--algo", "fl-full"])
-    model = build_run_model(cfg, 10, meta=True)
+    model = build_algorithm(cfg).build_model(10, meta=True)
     numel = sum(p.numel() for p in model.parameters())
     one = HEADER_BYTES + 4 * numel
     m = read_metrics(both[1] / "fl-full" / "metrics" / "rank00000.h5")
@@ -74,7 +74,7 @@ def _reference(tmp_path, algo: str):
     cfg = build_config({"fed": {"algo": algo, "clients": 2, "rounds": 1, "batch_size": 16},
                         "data": {"max_train_samples": 64, "max_test_samples": 20}})
     data = build_data(cfg.data, 32, cfg.run.seed)
-    model = build_run_model(cfg, data.num_classes, quiet=True)
+    model = build_algorithm(cfg).build_model(data.num_classes, quiet=True)
     layout = Layout(model, trainable_names(model, cfg))
     freeze_except(model, set(layout.names))
     before = copy.deepcopy(model)
@@ -111,8 +111,8 @@ def test_sfl_full_trains_the_body_and_sfprompt_never_does(tmp_path):
 
 def test_adapters_start_as_the_identity_and_keep_timm_names():
     cfg = build_config({"fed": {"algo": "fedpeft-adapter"}})
-    plain = build_run_model(build_config({"fed": {"algo": "fl-full"}}), 10, quiet=True)
-    adapted = build_run_model(cfg, 10, quiet=True)
+    plain = build_algorithm(build_config({"fed": {"algo": "fl-full"}})).build_model(10, quiet=True)
+    adapted = build_algorithm(cfg).build_model(10, quiet=True)
     x = torch.randn(2, 3, 32, 32)
 
     torch.testing.assert_close(adapted(x), plain(x), rtol=0, atol=0)

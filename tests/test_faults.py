@@ -29,9 +29,10 @@ from safetensors.torch import load_file
 from sfprompt_mpi.comm.loopback import LoopbackHub
 from sfprompt_mpi.comm.protocol import Header, Kind, Message, round_of, round_tag
 from sfprompt_mpi.config import build_config
-from sfprompt_mpi.fed.aggregate import aggregate, fedavg, fedavg_flat, median, norm_clip, trimmed_mean
+from sfprompt_mpi.fed.aggregate import Updates, aggregate, fedavg, fedavg_flat, median, norm_clip, trimmed_mean
 from sfprompt_mpi.fed.dp import dp_epsilon, dp_fedavg
-from sfprompt_mpi.fed.server import Server, _Group, _Late
+from sfprompt_mpi.fed.checks import Late, check_message
+from sfprompt_mpi.fed.server import Server
 from sfprompt_mpi.fed.state import Layout, trainable_names
 from sfprompt_mpi.metrics.h5 import read_events, read_metrics
 from sfprompt_mpi.model.split import build_model
@@ -167,9 +168,7 @@ def server() -> Server:
     model = build_model(cfg.model, 10, cfg.run.seed, quiet=True)
     layout = Layout(model, trainable_names(model, cfg))
     hub = LoopbackHub(3)
-    srv = Server(cfg, model, layout, [], {1: [0, 1], 2: [2, 3]}, hub.endpoint(0))
-    srv._chosen = {0, 1, 2, 3}
-    return srv
+    return Server(cfg, model, layout, [], {1: [0, 1], 2: [2, 3]}, hub.endpoint(0))
 
 
 def _msg(source: int, kind: Kind, payload: torch.Tensor | None, *, round: int = 5, client: int = 0,
@@ -201,9 +200,9 @@ def test_fedavg_updates_are_summed_on_arrival_whatever_the_order(fed, streams):
             host = 1 if c < 2 else 2
             hub.endpoint(host).send(0, Header(Kind.UPDATE, round_tag(5), c, 0, torch.float32, (f,), 10 + c),
                                     vectors[c])
-        updates, _ = srv._serve(round_tag(5), {0, 1, 2, 3})
+        updates = srv.service.serve(srv.expected(5, 0, [0, 1, 2, 3]), Updates(f, srv.algorithm.streams())).updates
         assert updates.ids() == [0, 1, 2, 3] and len(updates.vectors) == (0 if streams else 4)
-        new_F, _ = srv._aggregate(5, vectors[0], updates, 4)
+        new_F, _ = srv.algorithm.aggregate(5, vectors[0], updates, selected=4, num_clients=4)
         results.append(new_F)
     assert all(torch.equal(r, results[0]) for r in results)
     if streams:
@@ -231,21 +230,22 @@ def test_server_refuses_every_malformed_message_with_a_reason(server):
         (_msg(1, Kind.GRAD_OUT, good, step=3), "no body output awaiting it"),
         (_msg(1, Kind.GRAD_OUT, torch.zeros(2, n, d), step=0), "gradient shape differs"),
     ]
-    where = {(0, 0): (0, 0)}
-    groups = {0: _Group([_msg(1, Kind.ACTS, good)], good, None)}
+    awaiting = {(0, 0): tuple(good.shape)}.get  # step 0 of client 0 awaits its gradient
+    want = server.expected(5, 0, [0, 1, 2, 3])
     for msg, reason in bad:
         with pytest.raises(Exception) as info:
-            server._check(msg, 5, active, where, groups)
-        assert not isinstance(info.value, _Late), (msg.header.describe(), info.value)
+            check_message(msg, want, active, lambda c, s: awaiting((c, s)))
+        assert not isinstance(info.value, Late), (msg.header.describe(), info.value)
         assert reason in str(info.value), (msg.header.describe(), str(info.value))
     # a straggler's message: earlier round, earlier attempt, or a client that already left
     for msg in (_msg(1, Kind.ACTS, good, round=4), _msg(2, Kind.UPDATE, torch.zeros(f), client=3)):
-        with pytest.raises(_Late):
-            server._check(msg, 5, active, where, groups)
-    with pytest.raises(_Late, match="late message of round 5"):
-        server._check(_msg(1, Kind.ACTS, good, round=5), round_tag(5, 1), active, where, groups)
-    assert server._check(_msg(1, Kind.ACTS, good), 5, active, where, groups) == Kind.ACTS
-    assert server._check(_msg(1, Kind.GRAD_OUT, good), 5, active, where, groups) == Kind.GRAD_OUT
+        with pytest.raises(Late):
+            check_message(msg, want, active, lambda c, s: awaiting((c, s)))
+    with pytest.raises(Late, match="late message of round 5"):
+        check_message(_msg(1, Kind.ACTS, good, round=5), server.expected(5, 1, [0, 1, 2, 3]), active,
+                      lambda c, s: awaiting((c, s)))
+    assert check_message(_msg(1, Kind.ACTS, good), want, active, lambda c, s: awaiting((c, s))) == Kind.ACTS
+    assert check_message(_msg(1, Kind.GRAD_OUT, good), want, active, lambda c, s: awaiting((c, s))) == Kind.GRAD_OUT
     assert round_of(round_tag(5, 2)) == 5 and round_tag(5) == 5
 
 

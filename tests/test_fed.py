@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from sfprompt_mpi.config import build_config
 from sfprompt_mpi.data.datasets import build_data
 from sfprompt_mpi.fed.aggregate import ExactSum, Updates, fedavg, fedavg_flat
-from sfprompt_mpi.fed.client import take_batch
+from sfprompt_mpi.fed.training import take_batch
 from sfprompt_mpi.fed.pruning import el2n_scores, keep_count, select_highest
 from sfprompt_mpi.fed.state import Layout, trainable_names
 from sfprompt_mpi.metrics.h5 import read_metrics
@@ -167,7 +167,7 @@ def test_next_round_starts_before_the_server_evaluates(tmp_path, monkeypatch) ->
     evaluate = Server.evaluate
 
     def spying(self):
-        seen.append((self._started[0], self.transport.counter.sent.get("start", 0)))
+        seen.append((self.started[0], self.transport.counter.sent.get("start", 0)))
         return evaluate(self)
 
     monkeypatch.setattr(Server, "evaluate", spying)
@@ -185,9 +185,9 @@ def test_a_host_keeps_one_copy_of_the_global_vector_for_its_clients(tmp_path, mo
     seen = []
     run_client_round = ClientHost.run_client_round
 
-    def spying(self, rnd, cid, global_F):
+    def spying(self, rnd, cid, global_F, attempt=0):
         seen.append((rnd, global_F.untyped_storage().data_ptr()))
-        return run_client_round(self, rnd, cid, global_F)
+        return run_client_round(self, rnd, cid, global_F, attempt)
 
     monkeypatch.setattr(ClientHost, "run_client_round", spying)
     overrides = {"fed": {"clients": 4, "rounds": 2}, "data": {"max_train_samples": 80, "max_test_samples": 20}}
@@ -198,9 +198,9 @@ def test_a_host_keeps_one_copy_of_the_global_vector_for_its_clients(tmp_path, mo
 
 
 def test_bfloat16_server_body_runs_the_body_in_bfloat16_and_stays_close(tmp_path, monkeypatch) -> None:
-    from sfprompt_mpi.fed.server import Server
+    from sfprompt_mpi.fed.body import FrozenBody
     dtypes = []
-    body = Server._body
+    body = FrozenBody.forward
 
     def spying(self, acts_BND):  # the dtype a Linear layer of the body computes in
         block = self.model.vit.blocks[self.model.head_blocks]  # the body's first block
@@ -211,7 +211,7 @@ def test_bfloat16_server_body_runs_the_body_in_bfloat16_and_stays_close(tmp_path
         finally:
             hook.remove()
 
-    monkeypatch.setattr(Server, "_body", spying)
+    monkeypatch.setattr(FrozenBody, "forward", spying)
     base = {"fed": {"clients": 2, "rounds": 1}, "data": {"max_train_samples": 60, "max_test_samples": 20}}
     *_, f32, _ = _reference(tmp_path / "f32", base)
     *_, bf16, _ = _reference(tmp_path / "bf16", {**base, "comm": {"server_dtype": "bfloat16"}})

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from ..config import Config
     from .base import Algorithm
 
-#: ``--algo`` name -> "module:Class" under this package, in the order tables list them.
+#: ``--algo`` name -> "module:Class", in the order tables list them. A module name without a dot is
+#: one of this package's; a dotted one is imported as it stands (an algorithm kept outside the package).
 REGISTRY: dict[str, str] = {
     "sfprompt": "sfprompt:SFPrompt",
     "fl-full": "fedavg:FedAvgFull",
@@ -28,13 +29,14 @@ REGISTRY: dict[str, str] = {
     "sfl-full": "splitfed:SplitFedFull",
     "sfl-linear": "splitfed:SplitFedLinear",
 }
-ALGOS = tuple(REGISTRY)
+#: The registered names (a live view: ``--algo``'s choices follow the registry).
+ALGOS = REGISTRY.keys()
 
 
 def algorithm_class(name: str) -> type["Algorithm"]:
     """The class registered as ``name`` (a KeyError for an unknown one; the config refuses those first)."""
     module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    return getattr(importlib.import_module(module if "." in module else f"{__name__}.{module}"), cls)
 
 
 def build_algorithm(cfg: "Config") -> "Algorithm":
