@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> Report:
     empty = TensorDataset(torch.empty(0, 3, 32, 32), torch.empty(0, dtype=torch.long))
     server = Server(cfg, model, layout, empty, {1: list(range(args.clients))}, script, device=device)
     script.update = layout.flatten(server.global_state)
-    body = server._body  # the body as the server runs it (autocast with --server-dtype bfloat16)
+    body = server.service.body.forward  # the body as the server runs it (autocast with --server-dtype bfloat16)
 
     def sync() -> None:
         if device.type == "cuda":
