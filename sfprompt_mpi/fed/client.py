@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from ..comm.protocol import ROUND_ATTEMPT_STRIDE, Kind, Message, Transport, expect, header_for, round_of
-from ..config import Config, parse_fault
+from ..comm.protocol import Kind, Message, Transport, expect, from_wire, to_wire, wire_dtype
+from ..config import Config
 from ..model.split import PromptedViT
 from .algos import algo_of, uses_sfprompt_phases
 from .pruning import el2n_scores, select_highest
@@ -28,7 +28,6 @@ from .state import Layout, derive_seed
 log = logging.getLogger(__name__)
 
 SERVER = 0
-WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def take_batch(dataset: Dataset, idx: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,33 +73,22 @@ class ClientHost:
         self.transport = transport
         self.metrics = metrics
         self.device = torch.device(device)
-        self.wire = WIRE_DTYPES[cfg.comm.wire_dtype]
+        self.wire = wire_dtype(cfg.comm.wire_dtype)
         self.timeout = cfg.comm.client_timeout
         self.algo = algo_of(cfg)
         self._params = dict(model.named_parameters())
         self.trainable = [self._params[n] for n in layout.names]
-        self._current: tuple[int, int] | None = None
-        self.fault = parse_fault(cfg.run.inject_fault) if cfg.run.inject_fault else None
+        self._current: tuple[int, int, int] | None = None  # (round, attempt, client) now training
         self.rank = transport.rank
-        self._faulted = False
         self._inbox: collections.deque[Message] = collections.deque()  # taken in by _drain, not yet used
-        self._dropped: set[tuple[int, int]] = set()  # (round tag, client) the server dropped before it ran
-
-    def _fault(self, rnd: int, kinds: tuple[str, ...]) -> str | None:
-        """The injected fault due now (first client of the round only), if any."""
-        f = self.fault
-        if f is not None and f.kind in kinds and f.rank == self.rank and f.round == rnd and not self._faulted:
-            self._faulted = True
-            return f.kind
-        return None
+        self._dropped: set[tuple[int, int, int]] = set()  # (round, attempt, client) the server dropped before it ran
 
     # -- the host loop --------------------------------------------------------
     def serve(self) -> None:
         """Answer rounds until the server says STOP.
 
-        START's round field is the attempt's tag (the round itself unless the
-        server retries it, see :func:`~sfprompt_mpi.comm.protocol.round_tag`);
-        every message of the attempt carries it. A client the server dropped
+        START carries the round and its attempt (0 unless the server retries
+        the round); every message of the attempt carries both. A client the server dropped
         (REJECT, e.g. after this rank missed ``--client-timeout``) is skipped
         if it has not started yet and abandoned where it stands otherwise, so
         a host that fell behind catches up instead of training for nothing.
@@ -110,27 +98,25 @@ class ClientHost:
             if msg.header.kind == Kind.STOP:
                 return
             expect(msg.header, Kind.START)
-            tag = msg.header.round
-            rnd, attempt = round_of(tag), tag // ROUND_ATTEMPT_STRIDE
-            self._faulted = False
-            self._dropped = {k for k in self._dropped if _attempt_key(k[0]) >= (rnd, attempt)}
+            rnd, attempt = msg.header.round, msg.header.attempt
+            self._dropped = {k for k in self._dropped if k[:2] >= (rnd, attempt)}
             # The server sends every selected client's parameters right after START.
             todo: list[tuple[int, torch.Tensor]] = []
             for cid in msg.payload.tolist():
                 params = self._recv(f"round {rnd} parameters for client {cid}")
-                expect(params.header, Kind.PARAMS, round=tag, client=cid, shape=(self.layout.numel,))
+                expect(params.header, Kind.PARAMS, round=rnd, attempt=attempt, client=cid, shape=(self.layout.numel,))
                 global_F = params.payload
                 if todo and torch.equal(global_F, todo[-1][1]):
                     global_F = todo[-1][1]  # clients start from the same global vector: keep one copy, not K
                 todo.append((cid, global_F))
             for cid, global_F in todo:
                 self._drain()
-                if (tag, cid) in self._dropped:
+                if (rnd, attempt, cid) in self._dropped:
                     log.warning("round %d: client %d was dropped by the server before it started; skipped", rnd, cid)
                     continue
-                self._current = (tag, cid)
+                self._current = (rnd, attempt, cid)
                 try:
-                    flat_F, n, stats = self.run_client_round(tag, cid, global_F)
+                    flat_F, n, stats = self.run_client_round(rnd, cid, global_F, attempt)
                 except Rejected as exc:
                     log.warning("round %d: client %d left the round: %s", rnd, cid, exc)
                     continue
@@ -139,7 +125,7 @@ class ClientHost:
                 if attempt:
                     stats["attempt"] = attempt
                 t0 = time.perf_counter()
-                self.transport.send(SERVER, header_for(Kind.UPDATE, flat_F, round=tag, client=cid, aux=n), flat_F)
+                self.transport.send(SERVER, Kind.UPDATE, flat_F, round=rnd, attempt=attempt, client=cid, aux=n)
                 stats["time/upload"] = time.perf_counter() - t0
                 if self.metrics is not None:
                     # flushed with the round's own row below: one flush per round, not per client
@@ -168,22 +154,20 @@ class ClientHost:
     def _take(self, msg: Message) -> bool:
         """Whether ``msg`` is for the caller; handles control messages and late replies itself."""
         h = msg.header
-        if h.kind == Kind.ERROR:
-            raise RuntimeError("the server failed")
         if h.kind == Kind.KEEPALIVE:
             return False
         if h.kind == Kind.REJECT:
-            if self._current == (h.round, h.client):
+            if self._current == (h.round, h.attempt, h.client):
                 raise Rejected("the server dropped it" + (f" at step {h.step}" if h.step >= 0 else ""))
             # A client that has not started yet, or whose upload already left.
-            self._dropped.add((h.round, h.client))
-            log.warning("round %d: the server dropped client %d", round_of(h.round), h.client)
+            self._dropped.add((h.round, h.attempt, h.client))
+            log.warning("round %d: the server dropped client %d", h.round, h.client)
             return False
         if h.kind in (Kind.START, Kind.STOP) and self._current is not None:
             # The server moved on without the running client (its REJECT went missing): leave too.
             self._inbox.appendleft(msg)
             raise Rejected(f"the server went on to {h.describe()}")
-        if h.kind in (Kind.BODY_OUT, Kind.GRAD_ACTS) and self._current != (h.round, h.client):
+        if h.kind in (Kind.BODY_OUT, Kind.GRAD_ACTS) and self._current != (h.round, h.attempt, h.client):
             # A reply to a client that has since left its round: nobody waits for it.
             log.warning("discarded a late %s", h.describe())
             return False
@@ -193,25 +177,28 @@ class ClientHost:
         """Take in, without waiting, what the server has already sent (REJECTs of clients not yet run)."""
         while self.transport.poll(SERVER):
             msg = self.transport.recv(SERVER, timeout=self.timeout, waiting_for="a message already announced")
-            if msg.header.kind in (Kind.REJECT, Kind.KEEPALIVE, Kind.ERROR):
+            if msg.header.kind in (Kind.REJECT, Kind.KEEPALIVE):
                 self._take(msg)
             else:
                 self._inbox.append(msg)
 
     # -- one client's round ----------------------------------------------------
-    def run_client_round(self, rnd: int, cid: int, global_F: torch.Tensor) -> tuple[torch.Tensor, int, dict]:
-        """Train client ``cid`` from the global vector; -> (trained vector, sample count, stats)."""
+    def run_client_round(self, rnd: int, cid: int, global_F: torch.Tensor,
+                         attempt: int = 0) -> tuple[torch.Tensor, int, dict]:
+        """Train client ``cid`` from the global vector in ``attempt`` of round ``rnd``;
+        -> (trained vector, sample count, stats)."""
         cfg = self.cfg.fed
         self.layout.write(self.model, self.layout.unflatten(global_F))
         shard = self.shards[cid]
-        gen = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, rnd, cid))
+        seed_parts = (rnd, cid, attempt) if attempt else (rnd, cid)  # a retry draws new batches
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, *seed_parts))
         stats: dict[str, float] = {}
 
         t0 = time.perf_counter()
         if not self.algo.split:  # the whole model here: plain local training, no server traffic
             loss, acc = self._train_whole(shard, gen, self.model, cfg.split_epochs, cfg.lr)
             stats.update(train_loss=loss, train_acc=acc, kept=len(shard), **{"time/local": time.perf_counter() - t0})
-            return self._upload_vector(rnd, global_F), len(shard), stats
+            return self._upload_vector(), len(shard), stats
         local_on, keep_ratio = uses_sfprompt_phases(self.cfg)
         if local_on:
             loss, acc = self._train_whole(shard, gen, self.model.local_forward, cfg.local_epochs, cfg.local_lr)
@@ -225,19 +212,16 @@ class ClientHost:
             kept = shard
         stats["kept"] = len(kept)
         t2 = time.perf_counter()
-        split_loss, waited = self._split_train(rnd, cid, kept, gen)
+        split_loss, waited = self._split_train(rnd, attempt, cid, kept, gen)
         t3 = time.perf_counter()
         stats.update(split_loss=split_loss)
         stats.update({"time/local": t1 - t0, "time/prune": t2 - t1, "time/split": t3 - t2 - waited,
                       "time/wait": waited})
-        return self._upload_vector(rnd, global_F), len(shard), stats
+        return self._upload_vector(), len(shard), stats
 
-    def _upload_vector(self, rnd: int, global_F: torch.Tensor) -> torch.Tensor:
-        """The trained parameters as the flat vector to upload (``--inject-fault huge-norm`` scales its delta)."""
-        flat_F = self.layout.flatten(self.layout.read(self.model))
-        if self._fault(rnd, ("huge-norm",)):
-            flat_F = global_F + (flat_F - global_F) * 1e6
-        return flat_F
+    def _upload_vector(self) -> torch.Tensor:
+        """The trained parameters as the flat vector to upload."""
+        return self.layout.flatten(self.layout.read(self.model))
 
     def _optimizer(self, lr: float) -> torch.optim.Optimizer:
         return make_optimizer(self.trainable, self.cfg, lr)
@@ -272,7 +256,8 @@ class ClientHost:
             scores.append(el2n_scores(self.model.local_forward(images), labels).cpu())
         return torch.cat(scores)
 
-    def _split_train(self, rnd: int, cid: int, kept: np.ndarray, gen: torch.Generator) -> tuple[float, float]:
+    def _split_train(self, rnd: int, attempt: int, cid: int, kept: np.ndarray,
+                     gen: torch.Generator) -> tuple[float, float]:
         """Head here, body on the server, tail here; -> (mean loss, seconds waiting on the server)."""
         opt = self._optimizer(self.cfg.fed.lr)
         self.model.train()
@@ -282,29 +267,28 @@ class ClientHost:
                 images, labels = self._batch(kept, pos)
                 acts_BND = self.model.head(images)
                 need_grad = acts_BND.requires_grad
-                wire_BND = acts_BND.detach().to(self.wire)
-                fault = self._fault(rnd, ("wrong-shape", "nan", "crash", "hang", "slow"))
-                if fault is not None:
-                    wire_BND = _inject(fault, wire_BND, self.timeout)
+                wire_BND = to_wire(acts_BND, self.wire)
                 t0 = time.perf_counter()
-                self.transport.send(SERVER, header_for(Kind.ACTS, wire_BND, round=rnd, client=cid, step=step,
-                                                       aux=int(need_grad)), wire_BND)
+                self.transport.send(SERVER, Kind.ACTS, wire_BND, round=rnd, attempt=attempt, client=cid, step=step,
+                                    aux=int(need_grad))
                 reply = self._recv(f"round {rnd} body output for client {cid} step {step}")
                 waited += time.perf_counter() - t0
-                expect(reply.header, Kind.BODY_OUT, round=rnd, client=cid, step=step, shape=tuple(acts_BND.shape))
-                body_BND = reply.payload.to(self.device, torch.float32).requires_grad_(True)
+                expect(reply.header, Kind.BODY_OUT, round=rnd, attempt=attempt, client=cid, step=step,
+                       shape=tuple(acts_BND.shape))
+                body_BND = from_wire(reply.payload, self.device).requires_grad_(True)
                 logits_BK = self.model.tail(body_BND)
                 loss = F.cross_entropy(logits_BK, labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if need_grad:
-                    g_BND = body_BND.grad.to(self.wire)
+                    g_BND = to_wire(body_BND.grad, self.wire)
                     t0 = time.perf_counter()
-                    self.transport.send(SERVER, header_for(Kind.GRAD_OUT, g_BND, round=rnd, client=cid, step=step), g_BND)
+                    self.transport.send(SERVER, Kind.GRAD_OUT, g_BND, round=rnd, attempt=attempt, client=cid, step=step)
                     reply = self._recv(f"round {rnd} activation gradient for client {cid} step {step}")
                     waited += time.perf_counter() - t0
-                    expect(reply.header, Kind.GRAD_ACTS, round=rnd, client=cid, step=step, shape=tuple(g_BND.shape))
-                    acts_BND.backward(reply.payload.to(self.device, torch.float32))
+                    expect(reply.header, Kind.GRAD_ACTS, round=rnd, attempt=attempt, client=cid, step=step,
+                           shape=tuple(g_BND.shape))
+                    acts_BND.backward(from_wire(reply.payload, self.device))
                 opt.step()
                 total += float(loss.detach()) * len(labels)
                 seen += len(labels)
@@ -314,23 +298,6 @@ class ClientHost:
     def _batch(self, indices: np.ndarray, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = take_batch(self.train, indices[pos.numpy()])
         return images.to(self.device), labels.to(self.device)
-
-
-def _attempt_key(tag: int) -> tuple[int, int]:
-    return round_of(tag), tag // ROUND_ATTEMPT_STRIDE
-
-
-def _inject(kind: str, wire_BND: torch.Tensor, timeout: float) -> torch.Tensor:
-    """Corrupt or delay an outgoing activation as ``--inject-fault`` asks."""
-    log.warning("injecting fault %s", kind)
-    if kind == "wrong-shape":
-        return wire_BND[:, :-1].contiguous()
-    if kind == "nan":
-        return torch.full_like(wire_BND, float("nan"))
-    if kind == "crash":
-        raise RuntimeError("injected crash (--inject-fault)")
-    time.sleep(timeout * (3 if kind == "hang" else 0.5))
-    return wire_BND
 
 
 def _peak_mem_mb() -> float:

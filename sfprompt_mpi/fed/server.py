@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..comm.protocol import (ANY_SOURCE, HEADER_BYTES, ROUND_ATTEMPT_STRIDE, Kind, Message, PayloadTimeout, ProtocolError,
-                              Transport, expect, header_for, round_of, round_tag)
+from ..comm.protocol import (ANY_SOURCE, HEADER_BYTES, Kind, Message, PayloadTimeout, ProtocolError, Transport, expect,
+                              from_wire, to_wire, wire_dtype)
 from ..config import Config
 from ..errors import RunStopped
 from ..model.split import PromptedViT
 from .aggregate import MAX_WEIGHT, Updates, aggregate
 from .dp import dp_epsilon, dp_fedavg
 from .checkpoint import save_checkpoint
-from .client import WIRE_DTYPES, iter_batches, make_optimizer, take_batch
+from .client import iter_batches, make_optimizer, take_batch
 from .state import Layout, derive_seed, server_trained_names
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,6 @@ class _Group:
 
 class _Late(ProtocolError):
     """A message from an earlier round or attempt, or from a client that already left: discarded, no penalty."""
-
-
-def _attempt_key(tag: int) -> tuple[int, int]:
-    return round_of(tag), tag // ROUND_ATTEMPT_STRIDE
 
 
 def select_clients(num_clients: int, fraction: float, seed: int, rnd: int) -> list[int]:
@@ -79,7 +75,7 @@ class Server:
         self.metrics = metrics
         self.run_dir = run_dir
         self.on_round = on_round
-        self.wire = WIRE_DTYPES[cfg.comm.wire_dtype]
+        self.wire = wire_dtype(cfg.comm.wire_dtype)
         self.global_state = layout.read(model)
         self.history: list[dict] = []
         # sfl-full: the server trains the body itself, one client step at a time, in client-id order.
@@ -105,7 +101,7 @@ class Server:
                 self.run_round(rnd, start_next=rnd < last)
         finally:
             for rank in self.hosts:
-                self.transport.send(rank, header_for(Kind.STOP, None))
+                self.transport.send(rank, Kind.STOP)
 
     def run_round(self, rnd: int, *, start_next: bool = False) -> dict:
         """Round ``rnd`` (started here unless the round before started it); with
@@ -163,18 +159,17 @@ class Server:
         """Run round ``rnd`` until at least ``--min-clients`` clients survive it.
 
         A retry (at most ``--round-retries``) leaves out the clients whose host
-        timed out (it is still busy with the failed attempt) and tags its
-        messages with a new attempt number, so nothing from the failed attempt
+        timed out (it is still busy with the failed attempt) and marks its
+        messages with a new attempt number (the header's ``attempt``), so nothing from the failed attempt
         is mistaken for the retry's. -> (updates, serving stats, dropped clients).
         """
         comm = self.cfg.comm
         excluded: set[int] = set()
         for attempt in range(comm.round_retries + 1):
-            tag = round_tag(rnd, attempt)
             chosen = [c for c in selected if c not in excluded]
             if attempt:  # the first attempt was started by _start
-                self._send_start(tag, chosen, global_F)
-            updates, served = self._serve(tag, set(chosen))
+                self._send_start(rnd, attempt, chosen, global_F)
+            updates, served = self._serve(rnd, set(chosen), attempt=attempt)
             dropped = set(selected) - updates.counts.keys()
             if len(updates) >= comm.min_clients:
                 return updates, served, dropped
@@ -196,16 +191,16 @@ class Server:
         t_round = time.perf_counter()
         selected = select_clients(self.num_clients, self.cfg.fed.fraction, self.cfg.run.seed, rnd)
         global_F = self.layout.flatten(self.global_state)
-        self._send_start(round_tag(rnd, 0), selected, global_F)
+        self._send_start(rnd, 0, selected, global_F)
         self._started = (rnd, selected, global_F, t_round)
 
-    def _send_start(self, tag: int, chosen: list[int], global_F: torch.Tensor) -> None:
+    def _send_start(self, rnd: int, attempt: int, chosen: list[int], global_F: torch.Tensor) -> None:
         chosen_set = set(chosen)
         for rank, cids in self.hosts.items():
             mine = torch.tensor([c for c in cids if c in chosen_set], dtype=torch.int64)
-            self.transport.send(rank, header_for(Kind.START, mine, round=tag), mine)
+            self.transport.send(rank, Kind.START, mine, round=rnd, attempt=attempt)
             for cid in mine.tolist():
-                self.transport.send(rank, header_for(Kind.PARAMS, global_F, round=tag, client=cid), global_F)
+                self.transport.send(rank, Kind.PARAMS, global_F, round=rnd, attempt=attempt, client=cid)
 
     def _streams(self) -> bool:
         """Whether updates are summed on arrival (plain FedAvg) rather than kept until the end."""
@@ -231,17 +226,16 @@ class Server:
             self.metrics.event(rnd, kind, text)
 
     # -- serving the body ------------------------------------------------------------
-    def _serve(self, tag: int, selected: set[int]) -> tuple[Updates, dict]:
-        """Answer ACTS and GRAD_OUT until every selected client has sent its UPDATE or left.
+    def _serve(self, rnd: int, selected: set[int], attempt: int = 0) -> tuple[Updates, dict]:
+        """Answer ACTS and GRAD_OUT of ``attempt`` of round ``rnd`` until every selected
+        client has sent its UPDATE or left.
 
-        ``tag``: the header round field of this attempt (:func:`round_tag`).
         A client leaves when a message of its is refused (:meth:`_check`) or
         when its host rank has sent nothing for ``--client-timeout`` seconds
         while it still owed this round something; hosts hear a KEEPALIVE every
         half timeout so that an idle host never gives up on a server that is
         waiting for others.
         """
-        rnd = round_of(tag)
         updates = Updates(self.layout.numel, streaming=self._streams())
         self._client_bytes: dict[int, int] = {}
         self._chosen = set(selected)
@@ -269,11 +263,11 @@ class Server:
                 raise
             except TimeoutError:
                 msg = None
-                self._on_timeout(tag, owing, heard, missing, active, pending, groups, where, stat)
+                self._on_timeout(rnd, attempt, owing, heard, missing, active, pending, groups, where, stat)
             stat["wait"] += time.perf_counter() - t0
             if time.monotonic() >= next_ping:  # also while others keep the server busy (sfl-full serves in turn)
                 for rank in self.hosts:
-                    self.transport.send(rank, header_for(Kind.KEEPALIVE, None, round=tag))
+                    self.transport.send(rank, Kind.KEEPALIVE, round=rnd, attempt=attempt)
                 next_ping = time.monotonic() + limit / 2
             if msg is None:
                 continue
@@ -282,13 +276,13 @@ class Server:
             h = msg.header
             self._client_bytes[h.client] = self._client_bytes.get(h.client, 0) + HEADER_BYTES + h.nbytes
             try:
-                kind = self._check(msg, tag, active, where, groups)
+                kind = self._check(msg, rnd, active, where, groups, attempt=attempt)
             except _Late as exc:
                 log.warning("round %d: discarded %s from rank %d: %s", rnd, h.describe(), msg.source, exc)
                 self._event(rnd, "late", f"rank {msg.source} {h.describe()}: {exc}")
                 continue
             except ProtocolError as exc:
-                self._reject(msg, tag, exc, active, groups, where, stat, pending)
+                self._reject(msg, rnd, attempt, exc, active, groups, where, stat, pending)
                 continue
             if kind == Kind.ACTS:
                 pending.append(msg)
@@ -315,11 +309,11 @@ class Server:
                   "body_batch_mean": stat["samples"] / max(stat["passes"], 1)}
         return updates, served
 
-    def _on_timeout(self, tag: int, owing: set[int], heard: dict[int, float], missing: list[int],
+    def _on_timeout(self, rnd: int, attempt: int, owing: set[int], heard: dict[int, float], missing: list[int],
                     active: set[int], pending: list[Message], groups: dict[int, _Group], where: dict,
                     stat: dict) -> None:
         """Drop the clients of every host rank that has been silent for ``--client-timeout`` seconds."""
-        rnd, limit, now = round_of(tag), self.cfg.comm.client_timeout, time.monotonic()
+        limit, now = self.cfg.comm.client_timeout, time.monotonic()
         for rank in sorted(r for r in owing if now - heard[r] >= limit):
             gone = [c for c in missing if self.host_of[c] == rank]
             why = f"rank {rank} sent nothing for {limit:g} s (--client-timeout)"
@@ -327,22 +321,22 @@ class Server:
             for cid in gone:
                 self._event(rnd, "dropped", f"client {cid}: {why}")
                 self._timed_out.add(cid)
-                self._leave(cid, tag, -1, active, groups, where, stat, pending)
+                self._leave(cid, rnd, attempt, -1, active, groups, where, stat, pending)
 
-    def _reject(self, msg: Message, tag: int, exc: ProtocolError, active: set[int],
+    def _reject(self, msg: Message, rnd: int, attempt: int, exc: ProtocolError, active: set[int],
                 groups: dict[int, _Group], where: dict, stat: dict, pending: list[Message] | None = None) -> None:
         """Log a refused message; its client (when known) leaves the round and is told so."""
-        h, rnd = msg.header, round_of(tag)
+        h = msg.header
         log.error("round %d: rejected %s from rank %d: %s", rnd, h.describe(), msg.source, exc)
         self._event(rnd, "rejected", f"rank {msg.source} {h.describe()}: {exc}")
         if h.client in active and self.host_of.get(h.client) == msg.source:
-            self._leave(h.client, tag, h.step, active, groups, where, stat, pending)
+            self._leave(h.client, rnd, attempt, h.step, active, groups, where, stat, pending)
 
-    def _leave(self, cid: int, tag: int, step: int, active: set[int], groups: dict[int, _Group], where: dict,
-               stat: dict, pending: list[Message] | None) -> None:
+    def _leave(self, cid: int, rnd: int, attempt: int, step: int, active: set[int], groups: dict[int, _Group],
+               where: dict, stat: dict, pending: list[Message] | None) -> None:
         """Client ``cid`` leaves the round: its host is told (REJECT), nothing of it is served any more."""
         active.discard(cid)
-        self.transport.send(self.host_of[cid], header_for(Kind.REJECT, None, round=tag, client=cid, step=step))
+        self.transport.send(self.host_of[cid], Kind.REJECT, round=rnd, attempt=attempt, client=cid, step=step)
         if pending is not None:
             pending[:] = [m for m in pending if m.header.client != cid]
         # A batch waiting on this client's gradient goes on without it.
@@ -353,9 +347,9 @@ class Server:
             if len(group.grads) == len(group.members):
                 self._backward(groups.pop(gid), active, stat)
 
-    def _check(self, msg: Message, tag: int, selected: set[int], where: dict | None = None,
-               groups: dict[int, _Group] | None = None) -> Kind:
-        """Validate a client message against what this round attempt (``tag``) can accept.
+    def _check(self, msg: Message, rnd: int, selected: set[int], where: dict | None = None,
+               groups: dict[int, _Group] | None = None, *, attempt: int = 0) -> Kind:
+        """Validate a client message against what ``attempt`` of round ``rnd`` can accept.
 
         Checks kind, round, client/rank pairing, shape (the size limit: a
         batch of at most ``--batch-size`` samples, or exactly the trainable
@@ -364,16 +358,13 @@ class Server:
         earlier round or attempt (or of a client that already left), which is
         discarded without penalty, and ProtocolError for anything malformed.
         """
-        h, rnd = msg.header, round_of(tag)
-        if h.kind == Kind.ERROR:
-            raise RuntimeError(f"rank {msg.source} failed during round {rnd}")
+        h = msg.header
         if h.kind not in (Kind.ACTS, Kind.GRAD_OUT, Kind.UPDATE):
             raise ProtocolError(f"unexpected message kind {h.kind.label}")
-        if h.round != tag:
-            if _attempt_key(h.round) < _attempt_key(tag):
-                attempt = h.round // ROUND_ATTEMPT_STRIDE
-                raise _Late(f"late message of round {round_of(h.round)}" + (f" attempt {attempt}" if attempt else ""))
-            raise ProtocolError(f"message for round {round_of(h.round)} during round {rnd}")
+        if h.round != rnd or h.attempt != attempt:
+            if (h.round, h.attempt) < (rnd, attempt):
+                raise _Late(f"late message of round {h.round}" + (f" attempt {h.attempt}" if h.attempt else ""))
+            raise ProtocolError(f"message for round {h.round} during round {rnd}")
         if self.host_of.get(h.client) != msg.source:
             raise ProtocolError(f"client {h.client} is not a client of rank {msg.source}")
         if h.client not in selected:
@@ -404,7 +395,7 @@ class Server:
 
     def _forward(self, members: list[Message], keep_graph: bool, stat: dict) -> _Group:
         t0 = time.perf_counter()
-        acts_BND = torch.cat([m.payload for m in members]).to(self.device, torch.float32)
+        acts_BND = from_wire(torch.cat([m.payload for m in members]), self.device)
         need_grad = keep_graph and (any(m.header.aux for m in members) or self.body_opt is not None)
         with torch.set_grad_enabled(need_grad):
             leaf = acts_BND.requires_grad_(need_grad)
@@ -412,9 +403,9 @@ class Server:
         offset = 0
         for m in members:
             b = m.header.shape[0]
-            piece = out_BND[offset:offset + b].detach().to(self.wire)
-            self.transport.send(m.source, header_for(Kind.BODY_OUT, piece, round=m.header.round,
-                                                     client=m.header.client, step=m.header.step), piece)
+            piece = to_wire(out_BND[offset:offset + b], self.wire)
+            self.transport.send(m.source, Kind.BODY_OUT, piece, round=m.header.round, attempt=m.header.attempt,
+                                client=m.header.client, step=m.header.step)
             offset += b
         stat["fwd"] += time.perf_counter() - t0
         stat["passes"] += 1
@@ -423,7 +414,7 @@ class Server:
 
     def _backward(self, group: _Group, active: set[int], stat: dict) -> None:
         t0 = time.perf_counter()
-        grad_BND = torch.cat([group.grads[i] for i in range(len(group.members))]).to(self.device, torch.float32)
+        grad_BND = from_wire(torch.cat([group.grads[i] for i in range(len(group.members))]), self.device)
         if group.out_BND is None:  # graph was not kept: recompute the frozen body's forward
             leaf = group.acts_BND.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -435,9 +426,9 @@ class Server:
         for m in group.members:
             b = m.header.shape[0]
             if m.header.client in active:
-                piece = g_BND[offset:offset + b].detach().to(self.wire)
-                self.transport.send(m.source, header_for(Kind.GRAD_ACTS, piece, round=m.header.round,
-                                                         client=m.header.client, step=m.header.step), piece)
+                piece = to_wire(g_BND[offset:offset + b], self.wire)
+                self.transport.send(m.source, Kind.GRAD_ACTS, piece, round=m.header.round, attempt=m.header.attempt,
+                                    client=m.header.client, step=m.header.step)
             offset += b
         stat["bwd"] += time.perf_counter() - t0
 
