@@ -22,6 +22,8 @@ from .algorithms import ALGOS
 from .errors import UserError
 
 FAULTS = ("wrong-shape", "nan", "crash", "hang", "slow", "huge-norm")
+#: ``--wire-dtype`` choices: torch dtype names (comm.protocol maps them to dtypes).
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
 AGGREGATORS = ("fedavg", "median", "trimmed-mean", "norm-clip")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "flowers102",
             "caltech101", "food101")
@@ -85,7 +87,7 @@ class FedConfig:
 @dataclass
 class CommConfig:
     transport: str = _f("mpi", "tensor transport between ranks", ("mpi", "gloo", "nccl"))
-    wire_dtype: str = _f("float32", "dtype of activations and gradients on the wire", ("float32", "bfloat16", "float16"))
+    wire_dtype: str = _f("float32", "dtype of activations and gradients on the wire", WIRE_DTYPES)
     server_batch: int = _f(4, "max clients whose activations share one body pass (1: off)")
     server_dtype: str = _f("float32", "dtype of the server's body compute (bfloat16: autocast, for GPUs)",
                            ("float32", "bfloat16"))
@@ -280,7 +282,7 @@ def validate(cfg: Config) -> None:
         value = getattr(fe, key)
         _check(math.isfinite(value) and value >= 0, f"fed.{key} must be a finite number >= 0, got {value}")
     _check(c.transport in ("mpi", "gloo", "nccl"), f"comm.transport must be mpi, gloo or nccl, got {c.transport!r}")
-    _check(c.wire_dtype in ("float32", "bfloat16", "float16"), f"comm.wire_dtype must be float32, bfloat16 or float16, got {c.wire_dtype!r}")
+    _check(c.wire_dtype in WIRE_DTYPES, f"comm.wire_dtype must be float32, bfloat16 or float16, got {c.wire_dtype!r}")
     _check(c.server_batch >= 1, f"comm.server_batch must be >= 1, got {c.server_batch}")
     _check(c.server_dtype in ("float32", "bfloat16"), f"comm.server_dtype must be float32 or bfloat16, got {c.server_dtype!r}")
     _check(c.max_pending >= 1, f"comm.max_pending must be >= 1, got {c.max_pending}")

@@ -159,8 +159,9 @@ def abort_job(rank: int, exc: BaseException, comm: Any) -> int:
     return 1
 
 
-def main(argv: list[str] | None = None, started: float | None = None) -> int:
-    """``started``: time.monotonic() when the process began (for the "setup took" line)."""
+def main(argv: list[str] | None = None, started: float | None = None, clock: Any = None) -> int:
+    """``started``: time.monotonic() when the process began (for the "setup took" line);
+    ``clock``: a :class:`~sfprompt_mpi.comm.wrappers.Clock` that times the transport (benchmarks)."""
     started = time.monotonic() if started is None else started
     world = World(None, 0, 1, single_process_layout())
     try:
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         cfg = resolve_config(argv)
         node_memory_check(world)
         from .runtime import run_job  # heavy imports (torch, timm) only after argument checks
-        return run_job(cfg, world, started)
+        return run_job(cfg, world, started, clock)
     except UserError as exc:
         if world.rank == 0:
             print(f"error: {exc}", file=sys.stderr)

@@ -23,7 +23,9 @@ from typing import Any, Callable
 import torch
 
 from .comm.loopback import LoopbackHub
-from .config import Config
+from .comm.protocol import Transport
+from .comm.wrappers import Clock, wrap_transport
+from .config import Config, parse_fault
 from .data.datasets import FedData, build_data, check_dataset_files, prepare_dataset
 from .data.partition import partition_indices
 from .errors import UserError
@@ -120,10 +122,11 @@ def _rank0_checks(cfg: Config, world: World) -> dict:
     return info
 
 
-def run_job(cfg: Config, world: World, started: float | None = None) -> int:
+def run_job(cfg: Config, world: World, started: float | None = None, clock: Clock | None = None) -> int:
     """Run (or dry-run) the configured job on this rank; -> exit code.
 
-    ``started``: time.monotonic() when the process began, for the setup-time log line."""
+    ``started``: time.monotonic() when the process began, for the setup-time log line;
+    ``clock``: where the transport's time goes, when given (the benchmarks)."""
     started = time.monotonic() if started is None else started
     threading.current_thread().name = f"r{world.rank:02d}"
     setup_logging(cfg, world.rank, None)
@@ -165,10 +168,16 @@ def run_job(cfg: Config, world: World, started: float | None = None) -> int:
     log.info("setup took %.1f s on %d rank(s) (imports, data, model, checks); rank 0's node: %d rank(s) on %d CPU(s), "
              "%s", time.monotonic() - started, world.size, node.local_size, node.cpus, wait_policy(node))
     if world.single:
-        run_reference(cfg, model, layout, data, hosts, run_dir, global_state, start, resume_round)
+        run_reference(cfg, model, layout, data, hosts, run_dir, global_state, start, resume_round, clock=clock)
     else:
-        _run_mpi(cfg, world, model, layout, data, hosts, run_dir, global_state, start, resume_round)
+        _run_mpi(cfg, world, model, layout, data, hosts, run_dir, global_state, start, resume_round, clock)
     return 0
+
+
+def _wrap(cfg: Config, raw: Transport, clock: Clock | None = None) -> Transport:
+    """What roles get: ``raw`` counted, timed into ``clock`` if any, with ``--inject-fault`` on its rank."""
+    fault = parse_fault(cfg.run.inject_fault) if cfg.run.inject_fault else None
+    return wrap_transport(raw, fault=fault, timeout=cfg.comm.client_timeout, clock=clock)
 
 
 def release_free_memory() -> None:
@@ -265,15 +274,17 @@ def _build_host(cfg, rank, model, layout, data, hosts, transport, run_dir, resum
 
 
 def run_reference(cfg, model, layout, data, hosts, run_dir, global_state=None, start=1,
-                  resume_round=None) -> tuple[Server, ClientHost]:
-    """Server and one client host as two threads over the loopback transport; -> both, finished."""
+                  resume_round=None, clock: Clock | None = None) -> tuple[Server, ClientHost]:
+    """Server and one client host as two threads over the loopback transport; -> both, finished.
+
+    ``clock`` (optional) times the server's end of the transport."""
     import copy
     hub = LoopbackHub(2)
     device = _server_device(cfg)
-    host, host_metrics = _build_host(cfg, 1, copy.deepcopy(model), layout, data, hosts, hub.endpoint(1),
+    host, host_metrics = _build_host(cfg, 1, copy.deepcopy(model), layout, data, hosts, _wrap(cfg, hub.endpoint(1)),
                                      run_dir, resume_round)
-    server, metrics = _build_server(cfg, model, layout, data, hosts, hub.endpoint(0), run_dir, global_state,
-                                    resume_round, device)
+    server, metrics = _build_server(cfg, model, layout, data, hosts, _wrap(cfg, hub.endpoint(0), clock), run_dir,
+                                    global_state, resume_round, device)
     failures: list[BaseException] = []
 
     def host_main() -> None:
@@ -303,10 +314,12 @@ def run_reference(cfg, model, layout, data, hosts, run_dir, global_state=None, s
     return server, host
 
 
-def _run_mpi(cfg, world, model, layout, data, hosts, run_dir, global_state, start, resume_round) -> None:
+def _run_mpi(cfg, world, model, layout, data, hosts, run_dir, global_state, start, resume_round,
+             clock: Clock | None = None) -> None:
     from .comm import build_transport
     device = _server_device(cfg) if world.rank == 0 else torch.device("cpu")
-    transport = _agree(world, lambda: build_transport(cfg.comm.transport, world.comm, device, world.node))
+    raw = _agree(world, lambda: build_transport(cfg.comm.transport, world.comm, device, world.node))
+    transport = _wrap(cfg, raw, clock)
     try:
         if world.rank == 0:
             server, metrics = _build_server(cfg, model, layout, data, hosts, transport, run_dir, global_state,

@@ -111,7 +111,7 @@ def test_client_round_bytes_counts_every_message_of_a_round():
     # Prepare: 10 samples, keep 0.5 -> 5 kept, batch 2 -> batches 2, 2, 1 per epoch, 2 epochs
     cfg = config_from_dict({"fed": {"keep_ratio": 0.5, "batch_size": 2, "split_epochs": 2},
                             "comm": {"wire_dtype": "bfloat16"}})
-    header = 112
+    header = 120  # HEADER_BYTES
 
     # Execute
     got = client_round_bytes(10, cfg, tokens=3, width=4, flat=7, need_grad=True)
@@ -130,4 +130,4 @@ def test_client_round_bytes_without_split_training_has_no_activation_kinds():
 
     got = client_round_bytes(10, cfg, tokens=3, width=4, flat=7, need_grad=True)
 
-    assert got == {"up": {"update": 112 + 28}, "down": {"params": 112 + 28}}
+    assert got == {"up": {"update": 120 + 28}, "down": {"params": 120 + 28}}

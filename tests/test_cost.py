@@ -83,8 +83,8 @@ def test_bfloat16_wire_halves_activation_bytes(tmp_path, capsys):
 
     # 64 samples, keep 0.5 -> 32 kept -> one batch of 32: one header plus B x N x D elements
     elements = 32 * f32["tokens"] * f32["width"]
-    assert f32["bytes_per_client_round"]["sfprompt"]["up"]["acts"] == 112 + 4 * elements
-    assert bf16["bytes_per_client_round"]["sfprompt"]["up"]["acts"] == 112 + 2 * elements
+    assert f32["bytes_per_client_round"]["sfprompt"]["up"]["acts"] == 120 + 4 * elements
+    assert bf16["bytes_per_client_round"]["sfprompt"]["up"]["acts"] == 120 + 2 * elements
     assert bf16["bytes_per_client_round"]["sfprompt"]["up"]["update"] == f32["bytes_per_client_round"]["sfprompt"]["up"]["update"]
 
 

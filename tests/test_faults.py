@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from sfprompt_mpi.comm.loopback import LoopbackHub
-from sfprompt_mpi.comm.protocol import Header, Kind, Message, round_of, round_tag
+from sfprompt_mpi.comm.protocol import Header, Kind, Message, pack_header, unpack_header
 from sfprompt_mpi.config import build_config
 from sfprompt_mpi.fed.aggregate import Updates, aggregate, fedavg, fedavg_flat, median, norm_clip, trimmed_mean
 from sfprompt_mpi.fed.dp import dp_epsilon, dp_fedavg
@@ -198,8 +198,7 @@ def test_fedavg_updates_are_summed_on_arrival_whatever_the_order(fed, streams):
             vectors = [torch.randn(f, generator=g) * 10.0 ** (c - 2) for c in range(4)]
         for c in order:  # the hosts' updates arrive in this order
             host = 1 if c < 2 else 2
-            hub.endpoint(host).send(0, Header(Kind.UPDATE, round_tag(5), c, 0, torch.float32, (f,), 10 + c),
-                                    vectors[c])
+            hub.endpoint(host).send(0, Kind.UPDATE, vectors[c], round=5, client=c, aux=10 + c)
         updates = srv.service.serve(srv.expected(5, 0, [0, 1, 2, 3]), Updates(f, srv.algorithm.streams())).updates
         assert updates.ids() == [0, 1, 2, 3] and len(updates.vectors) == (0 if streams else 4)
         new_F, _ = srv.algorithm.aggregate(5, vectors[0], updates, selected=4, num_clients=4)
@@ -246,7 +245,8 @@ def test_server_refuses_every_malformed_message_with_a_reason(server):
                       lambda c, s: awaiting((c, s)))
     assert check_message(_msg(1, Kind.ACTS, good), want, active, lambda c, s: awaiting((c, s))) == Kind.ACTS
     assert check_message(_msg(1, Kind.GRAD_OUT, good), want, active, lambda c, s: awaiting((c, s))) == Kind.GRAD_OUT
-    assert round_of(round_tag(5, 2)) == 5 and round_tag(5) == 5
+    retry = unpack_header(pack_header(Header(Kind.ACTS, 5, attempt=2)))
+    assert (retry.round, retry.attempt) == (5, 2) and Header(Kind.ACTS, 5).attempt == 0
 
 
 # ------------------------------------------------ poisoned updates (reference run)

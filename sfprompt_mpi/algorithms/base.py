@@ -30,7 +30,7 @@ run warns once about any other of them given explicitly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -103,6 +103,11 @@ class Algorithm:
 
     def __init__(self, cfg: "Config") -> None:
         self.cfg = cfg
+
+    def ignored(self, given: "Iterable[str]") -> list[str]:
+        """The algorithm-specific settings among ``given`` (fields set explicitly) that this algorithm does not read."""
+        given = set(given)
+        return [n for n in ALGORITHM_SETTINGS if n in given and n not in self.reads]
 
     # -- the model ---------------------------------------------------------------
     def prompt_len(self) -> int:

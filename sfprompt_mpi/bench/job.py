@@ -2,8 +2,9 @@
 
 ``python -m sfprompt_mpi.bench _job --report FILE -- RUN_FLAGS...`` runs
 ``python -m sfprompt_mpi.run RUN_FLAGS...`` in this process (under mpiexec or
-not) with one addition: the transport that ``run_job`` builds is timed. Each
-rank splits each round's wall time into
+not) with one addition: ``run_job`` wraps the transport it builds in
+:class:`~sfprompt_mpi.comm.wrappers.Timed` reporting to a :class:`RoundClock`.
+Each rank splits each round's wall time into
 
 - ``send_s``: inside ``Transport.send`` (header packed, payload staged and
   posted; MPI sends do not wait for the receiver),
@@ -30,12 +31,10 @@ from pathlib import Path
 from typing import Any
 
 PARTS = ("send_s", "wait_s", "payload_s")
-#: A header's round field may carry a retry attempt above this stride; the round is the remainder.
-_ROUND_STRIDE = 1 << 32
 
 
 class RoundClock:
-    """Per-round time accumulators of one rank."""
+    """Per-round time accumulators of one rank (a :class:`~sfprompt_mpi.comm.wrappers.Clock`)."""
 
     def __init__(self) -> None:
         self.rounds: dict[int, dict[str, float]] = {}
@@ -46,9 +45,14 @@ class RoundClock:
         if self.current is not None:
             self.rounds[self.current][part] += seconds
 
+    def message(self, h: Any, now: float) -> None:
+        """Header ``h`` passed through the transport at ``now``: START and STOP delimit rounds."""
+        from ..comm.protocol import Kind
+        if h.kind == Kind.START or h.kind == Kind.STOP:
+            self.boundary(h.kind == Kind.START, h.round, now)
+
     def boundary(self, kind_start: bool, rnd: int, now: float) -> None:
-        """A START (of round ``rnd``) or STOP passed through the transport at ``now``."""
-        rnd %= _ROUND_STRIDE
+        """A START (of round ``rnd``, any attempt) or STOP passed through the transport at ``now``."""
         if kind_start and rnd == self.current:
             return  # the server sends one START per host (and again when it retries the round)
         if self.current is not None:
@@ -59,45 +63,6 @@ class RoundClock:
         self.started = now
         if kind_start:
             self.rounds[rnd] = {p: 0.0 for p in PARTS}
-
-
-def instrument(transport: Any, clock: RoundClock) -> Any:
-    """Time ``transport``'s send, recv and payload receive into ``clock``. In place."""
-    from ..comm.protocol import Kind
-    send, recv = transport.send, transport.recv
-    inner_payload = getattr(transport, "_recv_payload", None)
-    spent = {"payload": 0.0}
-
-    def timed_send(dest: int, header: Any, payload: Any = None) -> None:
-        t0 = time.perf_counter()
-        send(dest, header, payload)
-        t1 = time.perf_counter()
-        clock.add("send_s", t1 - t0)
-        if header.kind in (Kind.START, Kind.STOP):
-            clock.boundary(header.kind == Kind.START, header.round, t1)
-
-    def timed_payload(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return inner_payload(*args, **kwargs)
-        finally:
-            spent["payload"] += time.perf_counter() - t0
-
-    def timed_recv(*args: Any, **kwargs: Any) -> Any:
-        spent["payload"] = 0.0
-        t0 = time.perf_counter()
-        msg = recv(*args, **kwargs)
-        t1 = time.perf_counter()
-        clock.add("payload_s", spent["payload"])
-        clock.add("wait_s", t1 - t0 - spent["payload"])
-        if msg.header.kind in (Kind.START, Kind.STOP):
-            clock.boundary(msg.header.kind == Kind.START, msg.header.round, t1)
-        return msg
-
-    transport.send, transport.recv = timed_send, timed_recv
-    if inner_payload is not None:
-        transport._recv_payload = timed_payload
-    return transport
 
 
 def private_mb() -> float | None:
@@ -116,19 +81,12 @@ def job_main(argv: list[str]) -> int:
         print("usage: python -m sfprompt_mpi.bench _job --report FILE -- RUN_FLAGS...", file=sys.stderr)
         return 2
     report_path, run_argv = Path(argv[1]), argv[3:]
-    import sfprompt_mpi.comm as comm_pkg
     from ..run import main
     from .common import under_mpi
 
     clock = RoundClock()
-    build = comm_pkg.build_transport
-
-    def build_timed(*args: Any, **kwargs: Any) -> Any:
-        return instrument(build(*args, **kwargs), clock)
-
-    comm_pkg.build_transport = build_timed  # run_job imports it from the package at call time
     t0 = time.perf_counter()
-    code = main(run_argv)
+    code = main(run_argv, clock=clock)
     mine = {"rounds": {str(k): v for k, v in clock.rounds.items()}, "wall_s": time.perf_counter() - t0,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "private_mb": private_mb(),
             "exit": code}

@@ -49,39 +49,36 @@ class ScriptedClients:
     """
 
     def __init__(self, acts_BND: dict, grads_BND: dict, steps: int, samples: int) -> None:
-        from ..comm.protocol import ByteCounter
         self.rank, self.size = 0, 2
-        self.counter = ByteCounter()
+        self.on_header = None
         self.acts, self.grads, self.steps, self.samples = acts_BND, grads_BND, steps, samples
         self.inbox: collections.deque = collections.deque()
 
-    def _queue(self, kind, tensor, *, round: int, client: int, step: int = 0, aux: int = 0) -> None:
-        from ..comm.protocol import Message, header_for
-        self.inbox.append(Message(1, header_for(kind, tensor, round=round, client=client, step=step, aux=aux),
-                                  tensor))
+    def _queue(self, kind, tensor, *, round: int, attempt: int = 0, client: int, step: int = 0, aux: int = 0) -> None:
+        from ..comm.protocol import Message, outgoing
+        self.inbox.append(Message(1, outgoing(kind, tensor, round, attempt, client, step, aux), tensor))
 
-    def send(self, dest, header, payload=None) -> None:
-        from ..comm.protocol import Kind
-        self.counter.count_sent(dest, header)
-        h = header
+    def send(self, dest, kind, tensor=None, *, round=0, attempt=0, client=-1, step=0, aux=0):
+        from ..comm.protocol import Kind, outgoing
+        h = outgoing(kind, tensor, round, attempt, client, step, aux)
+        at = {"round": h.round, "attempt": h.attempt, "client": h.client}
         if h.kind == Kind.PARAMS:
-            self._queue(Kind.ACTS, self.acts[h.client], round=h.round, client=h.client, step=0, aux=1)
+            self._queue(Kind.ACTS, self.acts[h.client], step=0, aux=1, **at)
         elif h.kind == Kind.BODY_OUT:
-            self._queue(Kind.GRAD_OUT, self.grads[h.client], round=h.round, client=h.client, step=h.step)
+            self._queue(Kind.GRAD_OUT, self.grads[h.client], step=h.step, **at)
         elif h.kind == Kind.GRAD_ACTS:
             if h.step + 1 < self.steps:
-                self._queue(Kind.ACTS, self.acts[h.client], round=h.round, client=h.client, step=h.step + 1, aux=1)
+                self._queue(Kind.ACTS, self.acts[h.client], step=h.step + 1, aux=1, **at)
             else:
-                self._queue(Kind.UPDATE, self.update, round=h.round, client=h.client, aux=self.samples)
+                self._queue(Kind.UPDATE, self.update, aux=self.samples, **at)
         elif h.kind.name == "REJECT":
             raise RuntimeError(f"the server rejected a scripted message: {h.describe()}")
+        return h
 
     def recv(self, source=-1, *, timeout: float, waiting_for: str = "a message", **_: object):
         if not self.inbox:
             raise RuntimeError(f"the server waits for {waiting_for}, which the script never sends")
-        msg = self.inbox.popleft()
-        self.counter.count_recv(msg.source, msg.header)
-        return msg
+        return self.inbox.popleft()
 
     def poll(self, source=-1) -> bool:
         return bool(self.inbox)
@@ -104,7 +101,8 @@ def run(args: argparse.Namespace) -> Report:
     from torch.utils.data import TensorDataset
 
     from ..config import build_config
-    from ..fed.client import WIRE_DTYPES
+    from ..comm.protocol import wire_dtype
+    from ..comm.wrappers import Counted
     from ..fed.server import Server
     from ..fed.state import Layout, trainable_names
     from ..model.split import build_model, freeze_except
@@ -120,14 +118,14 @@ def run(args: argparse.Namespace) -> Report:
     model = build_model(cfg.model, 10, seed=0, quiet=True)
     layout = Layout(model, trainable_names(model, cfg))
     freeze_except(model, set(layout.names))
-    wire = WIRE_DTYPES[args.wire_dtype]
+    wire = wire_dtype(args.wire_dtype)
     n, d, b = model.tokens, model.width, args.batch_size
     gen = torch.Generator().manual_seed(0)
     acts = {c: torch.randn(b, n, d, generator=gen).to(wire) for c in range(args.clients)}
     grads = {c: (1e-3 * torch.randn(b, n, d, generator=gen)).to(wire) for c in range(args.clients)}
     script = ScriptedClients(acts, grads, args.steps, b * args.steps)
     empty = TensorDataset(torch.empty(0, 3, 32, 32), torch.empty(0, dtype=torch.long))
-    server = Server(cfg, model, layout, empty, {1: list(range(args.clients))}, script, device=device)
+    server = Server(cfg, model, layout, empty, {1: list(range(args.clients))}, Counted(script), device=device)
     script.update = layout.flatten(server.global_state)
     body = server.service.body.forward  # the body as the server runs it (autocast with --server-dtype bfloat16)
 

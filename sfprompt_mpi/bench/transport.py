@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> Report | None:
     from mpi4py import MPI
 
     from ..comm import build_transport
-    from ..comm.protocol import Kind, expect, header_for
+    from ..comm.protocol import Kind, expect
+    from ..comm.wrappers import Counted
 
     comm = MPI.COMM_WORLD
     if comm.Get_size() != 2:
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> Report | None:
     todo = sizes(args)
     target = parse_size(args.target)
     torch.set_num_threads(1)
-    transport = build_transport(args.transport, comm)
+    transport = Counted(build_transport(args.transport, comm))  # counted, as a run's transport is
 
     def raw_trial(send_buf: np.ndarray, recv_buf: np.ndarray, reps: int) -> float:
         comm.Barrier()
@@ -90,14 +91,14 @@ def run(args: argparse.Namespace) -> Report | None:
         t0 = time.perf_counter()
         for step in range(reps):
             if me == 0:
-                transport.send(peer, header_for(Kind.ACTS, x, round=1, client=0, step=step), x)
+                transport.send(peer, Kind.ACTS, x, round=1, client=0, step=step)
                 msg = transport.recv(peer, timeout=TIMEOUT_S, waiting_for=f"echo of step {step}")
                 expect(msg.header, Kind.BODY_OUT, step=step, shape=shape)
             else:
                 msg = transport.recv(peer, timeout=TIMEOUT_S, waiting_for=f"step {step}")
                 expect(msg.header, Kind.ACTS, step=step, shape=shape)
                 y = msg.payload
-                transport.send(peer, header_for(Kind.BODY_OUT, y, round=1, client=0, step=step), y)
+                transport.send(peer, Kind.BODY_OUT, y, round=1, client=0, step=step)
                 y = None
             msg = None  # done with the payload, as the raw side is with its buffer: the pool may hand it out again
         return time.perf_counter() - t0

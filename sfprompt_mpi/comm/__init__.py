@@ -1,7 +1,8 @@
 """Point-to-point tensor messages between ranks (see :mod:`.protocol`).
 
-Roles receive a :class:`~.protocol.Transport`; ``run.py`` builds one with
-:func:`build_transport`. MPI is imported only when an MPI transport is built,
+Roles receive a :class:`~.protocol.Transport`; ``runtime.py`` builds one with
+:func:`build_transport` (or a loopback hub) and wraps it (:mod:`.wrappers`:
+byte counts, timing, injected faults) before handing it over. MPI is imported only when an MPI transport is built,
 so the single-process reference run and the model code never start MPI.
 """
 

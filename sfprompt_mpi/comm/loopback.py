@@ -2,8 +2,10 @@
 
 The single-process reference run uses it, so the server and client code and
 the message sequence are exactly those of an MPI run. Payloads are cloned on
-send and packed/unpacked through the real header functions, so aliasing or a
-header bug shows up here too.
+send, and headers are built, packed, unpacked and checked through the same
+functions as MPI's (:func:`~.protocol.outgoing`, :func:`~.protocol.unpack_header`,
+:func:`~.protocol.check_arrived`), so aliasing, a header bug or a refused
+message shows up here too.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import collections
 import threading
 import time
 
+from typing import Callable
+
 import torch
 
-from .protocol import ANY_SOURCE, ByteCounter, Header, Message, pack_header, unpack_header
+from .protocol import ANY_SOURCE, Header, Kind, Message, check_arrived, outgoing, pack_header, unpack_header
 
 
 class LoopbackHub:
@@ -44,12 +48,21 @@ class LoopbackTransport:
         self.hub = hub
         self.rank = rank
         self.size = hub.size
-        self.counter = ByteCounter()
+        self.on_header: Callable[[], None] | None = None  # see Transport.on_header
+        self._closed = False
 
-    def send(self, dest: int, header: Header, payload: torch.Tensor | None = None) -> None:
+    def send(self, dest: int, kind: Kind, tensor: torch.Tensor | None = None, *, round: int = 0, attempt: int = 0,
+             client: int = -1, step: int = 0, aux: int = 0) -> Header:
+        """Put a copy of the message in ``dest``'s mailbox; -> its header."""
+        self._check_open()
+        header = outgoing(kind, tensor, round, attempt, client, step, aux)
         wire = pack_header(header)
-        data = None if payload is None else payload.detach().to("cpu", copy=True).contiguous()
-        self.counter.count_sent(dest, header)
+        data = None if tensor is None else tensor.detach().to("cpu", copy=True).contiguous()
+        self.push(dest, wire, data)
+        return header
+
+    def push(self, dest: int, wire, data: torch.Tensor | None) -> None:
+        """Deliver a packed header and payload as they are (tests use it to send malformed messages)."""
         with self.hub._cond:
             self.hub._boxes[dest].append((self.rank, wire, data))
             self.hub._cond.notify_all()
@@ -64,6 +77,7 @@ class LoopbackTransport:
 
     def recv(self, source: int = ANY_SOURCE, *, timeout: float, waiting_for: str = "a message",
              payload_timeout: float | None = None) -> Message:  # a payload arrives with its header here
+        self._check_open()
         deadline = time.monotonic() + timeout
         with self.hub._cond:
             while True:
@@ -80,12 +94,32 @@ class LoopbackTransport:
                 self.hub._cond.wait(left)
         src, wire, data = item
         header = unpack_header(wire)
-        self.counter.count_recv(src, header)
+        if self.on_header is not None:
+            self.on_header()
+        if data is not None or header.has_payload:
+            check_arrived(header, 0 if data is None else data.nbytes, rank=self.rank, src=src)
+            if not header.has_payload:
+                data = None
+            elif data is None or data.dtype != header.dtype or tuple(data.shape) != header.shape:
+                data = _reinterpret(data, header)  # a pushed raw message: its bytes, as the header says
         return Message(src, header, data)
 
     def poll(self, source: int = ANY_SOURCE) -> bool:
+        self._check_open()
         with self.hub._cond:
             return any(source == ANY_SOURCE or item[0] == source for item in self.hub._boxes[self.rank])
 
     def close(self) -> None:
-        pass
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"rank {self.rank}: transport used after close()")
+
+
+
+def _reinterpret(data: torch.Tensor | None, header: Header) -> torch.Tensor:
+    out = torch.empty(header.shape, dtype=header.dtype)
+    if data is not None:
+        out.reshape(-1).view(torch.uint8).copy_(data.reshape(-1).view(torch.uint8))
+    return out

@@ -29,8 +29,8 @@ import torch
 from mpi4py import MPI
 
 from ..node import SPIN_S, NodeLayout, node_layout
-from .protocol import (ANY_SOURCE, HEADER_LEN, ByteCounter, Header, Message, PayloadTimeout, ProtocolError,
-                       pack_header, unpack_header)
+from .protocol import (ANY_SOURCE, HEADER_LEN, Header, Kind, Message, PayloadTimeout, ProtocolError, check_arrived,
+                       outgoing, pack_header, unpack_header)
 
 HEADER_TAG = 0x5346  # distinct tags keep a header probe from ever matching a payload
 PAYLOAD_TAG = 0x5347
@@ -230,16 +230,6 @@ def host_buffer(t: torch.Tensor) -> Any:
     return _from_address(t.data_ptr(), t.nbytes)
 
 
-def _check_payload(header: Header, payload: torch.Tensor | None) -> None:
-    if payload is None:
-        if header.has_payload:
-            raise ProtocolError(f"send: {header.describe()} announces a payload but none was given")
-        return
-    if header.shape != tuple(payload.shape) or header.dtype != payload.dtype:
-        raise ProtocolError(f"send: {header.describe()} does not describe the payload "
-                            f"{payload.dtype}{list(payload.shape)}")
-
-
 class MPITransport:
     """:class:`~sfprompt_mpi.comm.protocol.Transport` over an MPI communicator.
 
@@ -267,7 +257,7 @@ class MPITransport:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.device = torch.device("cpu") if device is None else torch.device(device)
-        self.counter = ByteCounter()
+        self.on_header: Callable[[], None] | None = None  # see Transport.on_header
         self._pending: list[PendingSend] = []
         self._stuck: list[Any] = []  # receive buffers a timed-out receive may still write into
         self._pinned = _PinnedPool()
@@ -278,11 +268,14 @@ class MPITransport:
 
     # ----------------------------------------------------------------- send
 
-    def send(self, dest: int, header: Header, payload: torch.Tensor | None = None) -> None:
-        """Queue ``header`` (and ``payload``) for ``dest``; returns without waiting for it."""
+    def send(self, dest: int, kind: Kind, tensor: torch.Tensor | None = None, *, round: int = 0, attempt: int = 0,
+             client: int = -1, step: int = 0, aux: int = 0) -> Header:
+        """Queue a ``kind`` message (with ``tensor`` as payload) for ``dest``; returns its header without
+        waiting for the receiver."""
         self._check_open()
         self._reap()
-        _check_payload(header, payload)
+        header = outgoing(kind, tensor, round, attempt, client, step, aux)
+        payload = tensor
         wire = pack_header(header)
         # The payload is staged before the header leaves, so a failure here
         # cannot leave the receiver with a header whose payload never comes.
@@ -292,7 +285,7 @@ class MPITransport:
         self._spin_s = max(self._min_spin_s, min(_PAYLOAD_SPIN_S, header.nbytes / _SPIN_RATE))
         if staged is not None:
             self._post_payload(dest, header, staged, payload)
-        self.counter.count_sent(dest, header)
+        return header
 
     def _stage_payload(self, dest: int, payload: torch.Tensor) -> Any:
         """The buffer the payload travels from, plus what must be released after."""
@@ -360,6 +353,8 @@ class MPITransport:
             raise ProtocolError(f"rank {self.rank}: bad header from rank {src}: "
                                 f"{status.Get_count(MPI.BYTE)} bytes")
         header = unpack_header(wire)
+        if self.on_header is not None:
+            self.on_header()
         payload = None
         if header.has_payload:
             if 0 in header.shape:
@@ -367,7 +362,6 @@ class MPITransport:
             else:
                 payload = self._recv_payload(src, header, timeout if payload_timeout is None else payload_timeout,
                                              waiting_for)
-        self.counter.count_recv(src, header)
         return Message(src, header, payload)
 
     def _payload_timeout(self, src: int, header: Header, timeout: float, waiting_for: str) -> PayloadTimeout:
@@ -401,10 +395,7 @@ class MPITransport:
         if done is None:
             self._stuck.append((req, buf, out if host is None else host))  # MPI may still write: keep it alive
             raise self._payload_timeout(src, header, timeout, waiting_for)
-        came = status.Get_count(MPI.BYTE)
-        if came != nbytes:
-            raise ProtocolError(f"rank {self.rank}: {header.describe()} from rank {src} announced "
-                                f"{nbytes} bytes but {came} came")
+        check_arrived(header, status.Get_count(MPI.BYTE), rank=self.rank, src=src)
         if host is not None:
             out = host[:nbytes].view(header.dtype).reshape(header.shape).to(self.device)
             self._pinned.give(host)

@@ -3,8 +3,15 @@
 Every message is a header (a fixed array of int64, packed by :func:`pack_header`
 and checked by :func:`unpack_header`) followed, when the header says so, by one
 raw tensor buffer. Tensors are never pickled. The header names what the
-payload is (kind, round, client, step), its dtype and shape, and one spare
-integer (``aux``) whose meaning depends on the kind.
+payload is (kind, round, attempt, client, step), its dtype and shape, and one
+spare integer (``aux``) whose meaning depends on the kind. A transport builds
+the header itself from what ``send`` is given (:func:`outgoing`), so header
+and payload cannot disagree.
+
+Checks that every transport makes live here, once: :func:`outgoing` on send,
+:func:`unpack_header` and :func:`check_arrived` on receipt. Byte counting,
+timing and fault injection wrap any transport from outside
+(:mod:`.wrappers`).
 
 Tensor shape legend used across the package:
     B batch, C channels, H/W image size, N tokens (class + prompts + patches),
@@ -17,15 +24,18 @@ import enum
 import math
 import struct
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 import torch
 
+from ..config import WIRE_DTYPES
+
 MAGIC = 0x5346_5052  # "SFPR"
 MAX_DIMS = 6
-HEADER_LEN = 8 + MAX_DIMS
-HEADER_BYTES = HEADER_LEN * 8
+#: magic, kind, round, client, step, dtype code, ndim, aux, MAX_DIMS dims, attempt
+HEADER_LEN = 9 + MAX_DIMS
+HEADER_BYTES = HEADER_LEN * 8  # 120
 ANY_SOURCE = -1
 #: Payloads larger than this are refused on receipt (a corrupt or hostile header).
 MAX_PAYLOAD_BYTES = 8 << 30
@@ -43,7 +53,6 @@ class Kind(enum.IntEnum):
     UPDATE = 7       # client -> server: trained trainable vector F; aux = local sample count
     REJECT = 8       # server -> host: the client's message was refused; it leaves this round
     STOP = 9         # server -> host: no more rounds
-    ERROR = 10       # any -> any: the sender failed; aux = sender's rank
     KEEPALIVE = 11   # server -> host: still alive, busy with other clients (restarts the host's wait)
 
     @property
@@ -54,27 +63,28 @@ class Kind(enum.IntEnum):
 _LABELS = {k: k.name.lower() for k in Kind}
 _KINDS = {int(k): k for k in Kind}
 
-#: A retried round's messages carry ``round + attempt * ROUND_ATTEMPT_STRIDE`` in the
-#: header's round field (its *tag*), so a straggler's message from an earlier
-#: attempt is recognised and discarded. The first attempt's tag is the round itself.
-ROUND_ATTEMPT_STRIDE = 1 << 32
-
-
-def round_tag(rnd: int, attempt: int = 0) -> int:
-    """The header round field of ``attempt`` (0: the first) of round ``rnd``."""
-    return rnd + attempt * ROUND_ATTEMPT_STRIDE
-
-
-def round_of(tag: int) -> int:
-    """The round a header round field (a :func:`round_tag`) belongs to."""
-    return tag % ROUND_ATTEMPT_STRIDE
-
-
 DTYPES: dict[int, torch.dtype] = {
     1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.float64,
     5: torch.int64, 6: torch.int32, 7: torch.uint8,
 }
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+#: ``--wire-dtype`` name -> the dtype activations and gradients travel in.
+WIRE_TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in WIRE_DTYPES}
+
+
+def wire_dtype(name: str) -> torch.dtype:
+    """The torch dtype of the ``--wire-dtype`` called ``name``."""
+    return WIRE_TORCH_DTYPES[name]
+
+
+def to_wire(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` detached and cast to the wire dtype, ready for ``send``."""
+    return t.detach().to(dtype)
+
+
+def from_wire(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A received wire tensor as float32 on ``device`` (for compute)."""
+    return t.to(device, torch.float32)
 
 
 class ProtocolError(Exception):
@@ -89,7 +99,11 @@ class PayloadTimeout(TimeoutError):
 
 
 class Header(NamedTuple):
-    """What a message is. ``shape`` is empty for messages without a payload.
+    """What a message is. ``shape`` is None for messages without a payload.
+
+    ``attempt`` numbers the tries of a round (0: the first): a retried round's
+    messages carry the retry's number, so a straggler's message from an
+    earlier attempt is recognised and discarded.
 
     A named tuple, not a frozen dataclass: every message builds one or two,
     and a tuple is built in a third of the time (0.4 us instead of 1.2 us)."""
@@ -101,6 +115,7 @@ class Header(NamedTuple):
     dtype: torch.dtype = torch.float32
     shape: tuple[int, ...] | None = None
     aux: int = 0
+    attempt: int = 0
 
     @property
     def has_payload(self) -> bool:
@@ -114,16 +129,39 @@ class Header(NamedTuple):
 
     def describe(self) -> str:
         shape = "x".join(map(str, self.shape)) if self.shape is not None else "-"
-        return (f"{self.kind.label}(round={self.round}, client={self.client}, step={self.step}, "
+        at = f", attempt={self.attempt}" if self.attempt else ""
+        return (f"{self.kind.label}(round={self.round}{at}, client={self.client}, step={self.step}, "
                 f"{str(self.dtype).removeprefix('torch.')}[{shape}])")
 
 
-def header_for(kind: Kind, tensor: torch.Tensor | None, *, round: int = 0, client: int = -1,
-               step: int = 0, aux: int = 0) -> Header:
-    """The header describing ``tensor`` (or no payload when it is None)."""
+def outgoing(kind: Kind, tensor: torch.Tensor | None, round: int = 0, attempt: int = 0, client: int = -1,
+             step: int = 0, aux: int = 0) -> Header:
+    """The header of a message about to be sent, describing ``tensor`` (None: no payload).
+
+    Every transport's ``send`` builds its header here, so each refuses the
+    same things before anything leaves: a kind that is not a :class:`Kind`,
+    a dtype the wire does not carry, more than ``MAX_DIMS`` dimensions, and
+    a payload over ``MAX_PAYLOAD_BYTES`` (the receiver would refuse it).
+    Transports send the payload contiguous whatever its layout.
+    """
+    if type(kind) is not Kind:
+        raise ProtocolError(f"send: message kind {kind!r} is not a Kind")
     if tensor is None:
-        return Header(kind, round, client, step, torch.float32, None, aux)
-    return Header(kind, round, client, step, tensor.dtype, tuple(tensor.shape), aux)
+        return Header(kind, round, client, step, torch.float32, None, aux, attempt)
+    h = Header(kind, round, client, step, tensor.dtype, tuple(tensor.shape), aux, attempt)
+    if h.dtype not in DTYPE_CODES:
+        raise ProtocolError(f"send: {h.describe()}: dtype not allowed on the wire")
+    if len(h.shape) > MAX_DIMS:
+        raise ProtocolError(f"send: {h.describe()}: more than {MAX_DIMS} dimensions")
+    if h.nbytes > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"send: {h.describe()}: payload of {h.nbytes} bytes exceeds the limit")
+    return h
+
+
+def check_arrived(h: Header, came: int, *, rank: int, src: int) -> None:
+    """Refuse a payload of ``came`` bytes whose header announced another size (every transport's receive)."""
+    if came != h.nbytes:
+        raise ProtocolError(f"rank {rank}: {h.describe()} from rank {src} announced {h.nbytes} bytes but {came} came")
 
 
 _HEADER_STRUCT = struct.Struct(f"={HEADER_LEN}q")   # native order, as the int64 buffer MPI carries
@@ -140,14 +178,14 @@ def pack_header(h: Header) -> np.ndarray:
     dims = () if h.shape is None else h.shape
     ndim = -1 if h.shape is None else len(dims)
     return np.frombuffer(bytearray(_HEADER_STRUCT.pack(MAGIC, h.kind, h.round, h.client, h.step, code, ndim, h.aux, *dims,
-                                                       *_ZEROS[:MAX_DIMS - len(dims)])), dtype=np.int64)
+                                                       *_ZEROS[:MAX_DIMS - len(dims)], h.attempt)), dtype=np.int64)
 
 
 def unpack_header(buf: np.ndarray) -> Header:
     """int64[HEADER_LEN] -> Header, refusing anything malformed."""
     if buf.shape != (HEADER_LEN,):
         raise ProtocolError("bad header: wrong length or magic number")
-    magic, kind, rnd, client, step, dcode, ndim, aux, *dims = buf.tolist()  # plain ints: on every message
+    magic, kind, rnd, client, step, dcode, ndim, aux, *dims, attempt = buf.tolist()  # plain ints: on every message
     if magic != MAGIC:
         raise ProtocolError("bad header: wrong length or magic number")
     kind_e = _KINDS.get(kind)
@@ -161,17 +199,20 @@ def unpack_header(buf: np.ndarray) -> Header:
     shape = None if ndim < 0 else tuple(dims[:ndim])
     if shape is not None and min(shape, default=0) < 0:
         raise ProtocolError(f"bad header: negative shape {shape}")
-    h = Header(kind_e, rnd, client, step, dtype, shape, aux)
+    if attempt < 0:
+        raise ProtocolError(f"bad header: attempt {attempt}")
+    h = Header(kind_e, rnd, client, step, dtype, shape, aux, attempt)
     if h.nbytes > MAX_PAYLOAD_BYTES:
         raise ProtocolError(f"bad header: {h.describe()} payload of {h.nbytes} bytes exceeds the limit")
     return h
 
 
-def expect(h: Header, kind: Kind, *, round: int | None = None, client: int | None = None,
-           step: int | None = None, shape: tuple[int, ...] | None = None,
+def expect(h: Header, kind: Kind, *, round: int | None = None, attempt: int | None = None,
+           client: int | None = None, step: int | None = None, shape: tuple[int, ...] | None = None,
            dtype: torch.dtype | None = None) -> None:
     """Check a received header against what the receiver is waiting for."""
-    want = {"kind": kind, "round": round, "client": client, "step": step, "shape": shape, "dtype": dtype}
+    want = {"kind": kind, "round": round, "attempt": attempt, "client": client, "step": step, "shape": shape,
+            "dtype": dtype}
     for field, value in want.items():
         if value is not None and getattr(h, field) != value:
             raise ProtocolError(f"expected {field}={value!r}, got {h.describe()}")
@@ -187,7 +228,8 @@ class Message:
 
 
 class ByteCounter:
-    """Bytes sent and received, per message kind and per peer rank, headers included."""
+    """Bytes sent and received, per message kind and per peer rank, headers included
+    (kept by :class:`~.wrappers.Counted`)."""
 
     def __init__(self) -> None:
         self.sent: dict[str, int] = {}
@@ -215,19 +257,26 @@ class ByteCounter:
 class Transport(Protocol):
     """Point-to-point tensor messages between ranks.
 
-    ``send`` never blocks on the receiver (sends complete in the background;
-    ``close`` waits for them). ``recv`` returns the next message from
+    ``send`` builds the header from its arguments and ``tensor`` (see
+    :func:`outgoing`), queues the message and returns that header; it never
+    blocks on the receiver (sends complete in the background; ``close`` waits
+    for them). ``recv`` returns the next message from
     ``source`` (or any rank) and raises ``TimeoutError`` naming what it waited
     for when nothing arrives within ``timeout`` seconds; once a header has
     arrived its payload gets ``payload_timeout`` seconds (default: ``timeout``)
     before :class:`PayloadTimeout`.
+
+    ``on_header``, when set (by :class:`~.wrappers.Timed`), is called inside
+    ``recv`` the moment a header has arrived, before its payload is received:
+    the one hook a wrapper needs to tell waiting from transfer.
     """
 
     rank: int
     size: int
-    counter: ByteCounter
+    on_header: Callable[[], None] | None
 
-    def send(self, dest: int, header: Header, payload: torch.Tensor | None = None) -> None: ...
+    def send(self, dest: int, kind: Kind, tensor: torch.Tensor | None = None, *, round: int = 0, attempt: int = 0,
+             client: int = -1, step: int = 0, aux: int = 0) -> Header: ...
 
     def recv(self, source: int = ANY_SOURCE, *, timeout: float, waiting_for: str = "a message",
              payload_timeout: float | None = None) -> Message: ...

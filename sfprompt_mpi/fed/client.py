@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..algorithms.base import Algorithm, ClientRound
-from ..comm.protocol import Kind, Transport, expect, header_for, round_tag
+from ..comm.protocol import Kind, Transport, expect, wire_dtype
 from ..config import Config
 from ..model.split import PromptedViT
 from .mailbox import SERVER, Mailbox, Rejected, attempt_of
@@ -28,7 +28,6 @@ from .state import Layout, derive_seed
 from .training import LocalTrainer
 
 log = logging.getLogger(__name__)
-WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ClientHost:
@@ -80,7 +79,7 @@ class ClientHost:
         todo: list[tuple[int, torch.Tensor]] = []
         for cid in cids:
             params = self.mailbox.recv(f"round {rnd} parameters for client {cid}")
-            expect(params.header, Kind.PARAMS, round=round_tag(rnd, attempt), client=cid, shape=(self.layout.numel,))
+            expect(params.header, Kind.PARAMS, round=rnd, attempt=attempt, client=cid, shape=(self.layout.numel,))
             global_F = params.payload
             if todo and torch.equal(global_F, todo[-1][1]):
                 global_F = todo[-1][1]  # clients start from the same global vector: keep one copy, not K
@@ -104,8 +103,7 @@ class ClientHost:
         if attempt:
             stats["attempt"] = attempt
         t0 = time.perf_counter()
-        self.transport.send(SERVER, header_for(Kind.UPDATE, flat_F, round=round_tag(rnd, attempt), client=cid, aux=n),
-                            flat_F)
+        self.transport.send(SERVER, Kind.UPDATE, flat_F, round=rnd, attempt=attempt, client=cid, aux=n)
         stats["time/upload"] = time.perf_counter() - t0
         if self.metrics is not None:
             # flushed with the round's own row: one flush per round, not per client
@@ -119,9 +117,9 @@ class ClientHost:
         algo = self.algorithm
         remote = None
         if algo.split:
-            remote = RemoteBody(self.mailbox, rnd, attempt, cid, wire=WIRE_DTYPES[self.cfg.comm.wire_dtype],
+            remote = RemoteBody(self.mailbox, rnd, attempt, cid, wire=wire_dtype(self.cfg.comm.wire_dtype),
                                 device=self.device)
-        seed = derive_seed(self.cfg.run.seed, round_tag(rnd, attempt), cid)
+        seed = derive_seed(self.cfg.run.seed, rnd, cid, *([attempt] if attempt else []))  # a retry draws anew
         ctx = ClientRound(self.model, shard, algo.client_settings(rnd, cid), self.trainer,
                           torch.Generator().manual_seed(seed), remote)
         stats = algo.client_round(ctx)

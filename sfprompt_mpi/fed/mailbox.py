@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 
-from ..comm.protocol import ROUND_ATTEMPT_STRIDE, Header, Kind, Message, Transport, round_of
+from ..comm.protocol import Header, Kind, Message, Transport
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class Rejected(Exception):
 
 def attempt_of(h: Header) -> tuple[int, int]:
     """(round, attempt) of a message."""
-    return round_of(h.round), h.round // ROUND_ATTEMPT_STRIDE
+    return h.round, h.attempt
 
 
 class Mailbox:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..comm.protocol import Kind, expect, header_for, round_tag
+from ..comm.protocol import Kind, expect, from_wire, to_wire
 from .mailbox import SERVER, Mailbox
 
 
@@ -39,28 +39,27 @@ class RemoteBody:
         """ACTS -> BODY_OUT for the next step; -> (step, body output as float32 on the device)."""
         step = self.step
         self.step += 1
-        wire_BND = acts_BND.detach().to(self.wire)
+        wire_BND = to_wire(acts_BND, self.wire)
         reply = self._exchange(Kind.ACTS, wire_BND, step, int(need_grad), "body output")
-        expect(reply.header, Kind.BODY_OUT, round=self._tag(), client=self.cid, step=step, shape=tuple(acts_BND.shape))
-        return step, reply.payload.to(self.device, torch.float32)
+        expect(reply.header, Kind.BODY_OUT, round=self.rnd, attempt=self.attempt, client=self.cid, step=step,
+               shape=tuple(acts_BND.shape))
+        return step, from_wire(reply.payload, self.device)
 
     def backward(self, step: int, g_BND: torch.Tensor) -> torch.Tensor:
         """GRAD_OUT -> GRAD_ACTS for ``step``; -> dL/d(activations) as float32 on the device."""
-        wire_BND = g_BND.to(self.wire)
+        wire_BND = to_wire(g_BND, self.wire)
         reply = self._exchange(Kind.GRAD_OUT, wire_BND, step, 0, "activation gradient")
-        expect(reply.header, Kind.GRAD_ACTS, round=self._tag(), client=self.cid, step=step, shape=tuple(g_BND.shape))
-        return reply.payload.to(self.device, torch.float32)
+        expect(reply.header, Kind.GRAD_ACTS, round=self.rnd, attempt=self.attempt, client=self.cid, step=step,
+               shape=tuple(g_BND.shape))
+        return from_wire(reply.payload, self.device)
 
     def _exchange(self, kind: Kind, wire_BND: torch.Tensor, step: int, aux: int, what: str):
         t0 = time.perf_counter()
-        self.transport.send(SERVER, header_for(kind, wire_BND, round=self._tag(), client=self.cid, step=step,
-                                               aux=aux), wire_BND)
+        self.transport.send(SERVER, kind, wire_BND, round=self.rnd, attempt=self.attempt, client=self.cid, step=step,
+                            aux=aux)
         reply = self.mailbox.recv(f"round {self.rnd} {what} for client {self.cid} step {step}")
         self.waited += time.perf_counter() - t0
         return reply
-
-    def _tag(self) -> int:
-        return round_tag(self.rnd, self.attempt)
 
 
 class _BodyFunction(torch.autograd.Function):

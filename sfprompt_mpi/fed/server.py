@@ -21,14 +21,13 @@ from torch.utils.data import Dataset
 
 from ..algorithms import build_algorithm
 from ..algorithms.base import Algorithm
-from ..comm.protocol import Kind, Transport, header_for, round_tag
+from ..comm.protocol import Kind, Transport, wire_dtype
 from ..config import Config
 from ..errors import RunStopped
 from ..model.split import PromptedViT
 from .aggregate import Updates
 from .checkpoint import save_checkpoint
 from .checks import Expected
-from .client import WIRE_DTYPES
 from .serving import Attempt, BodyService, short
 from .state import Layout, derive_seed
 from .training import iter_batches, take_batch
@@ -86,7 +85,7 @@ class Server:
                 self.run_round(rnd, start_next=rnd < last)
         finally:
             for rank in self.hosts:
-                self.transport.send(rank, header_for(Kind.STOP, None))
+                self.transport.send(rank, Kind.STOP)
 
     def run_round(self, rnd: int, *, start_next: bool = False) -> dict:
         """Round ``rnd`` (started here unless the round before started it); with
@@ -152,12 +151,12 @@ class Server:
         self.started = (rnd, selected, global_F, t_round)
 
     def _send_start(self, rnd: int, attempt: int, chosen: list[int], global_F: torch.Tensor) -> None:
-        chosen_set, tag = set(chosen), round_tag(rnd, attempt)
+        chosen_set = set(chosen)
         for rank, cids in self.hosts.items():
             mine = torch.tensor([c for c in cids if c in chosen_set], dtype=torch.int64)
-            self.transport.send(rank, header_for(Kind.START, mine, round=tag), mine)
+            self.transport.send(rank, Kind.START, mine, round=rnd, attempt=attempt)
             for cid in mine.tolist():
-                self.transport.send(rank, header_for(Kind.PARAMS, global_F, round=tag, client=cid), global_F)
+                self.transport.send(rank, Kind.PARAMS, global_F, round=rnd, attempt=attempt, client=cid)
 
     def _attempts(self, rnd: int, selected: list[int], global_F: torch.Tensor) -> Attempt:
         """Run round ``rnd`` until at least ``--min-clients`` clients survive it; -> the surviving attempt.
@@ -197,7 +196,7 @@ class Server:
         algo = self.algorithm
         return Expected(rnd, attempt, self.host_of, frozenset(chosen), self.layout.numel, self.model.tokens,
                         self.model.width, lambda cid: algo.client_settings(rnd, cid).batch_size,
-                        WIRE_DTYPES[self.cfg.comm.wire_dtype])
+                        wire_dtype(self.cfg.comm.wire_dtype))
 
     def _event(self, rnd: int, kind: str, text: str) -> None:
         if self.metrics is not None:

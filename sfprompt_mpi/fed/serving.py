@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from ..comm.protocol import ANY_SOURCE, HEADER_BYTES, Kind, Message, PayloadTimeout, ProtocolError, Transport, \
-    header_for, round_tag
+    from_wire, to_wire
 from ..config import Config
 from .aggregate import Updates
 from .body import FrozenBody
@@ -56,10 +56,6 @@ class Attempt:
     client_bytes: dict[int, int] = field(default_factory=dict)     # bytes received per client
     stat: dict[str, float] = field(default_factory=lambda: {"fwd": 0.0, "bwd": 0.0, "wait": 0.0, "passes": 0,
                                                             "samples": 0})
-
-    @property
-    def tag(self) -> int:
-        return round_tag(self.want.round, self.want.attempt)
 
     def missing(self) -> list[int]:
         """Clients still in the attempt that have not sent their update."""
@@ -131,7 +127,7 @@ class BodyService:
         a.stat["wait"] += time.perf_counter() - t0
         if time.monotonic() >= a.next_ping:  # also while others keep the server busy (a trained body serves in turn)
             for rank in self.hosts:
-                self.transport.send(rank, header_for(Kind.KEEPALIVE, None, round=a.tag))
+                self.transport.send(rank, Kind.KEEPALIVE, round=a.want.round, attempt=a.want.attempt)
             a.next_ping = time.monotonic() + self.timeout / 2
         if msg is not None and msg.source in a.heard:
             a.heard[msg.source] = time.monotonic()
@@ -182,7 +178,8 @@ class BodyService:
     def _leave(self, a: Attempt, cid: int, step: int) -> None:
         """Client ``cid`` leaves the attempt: its host is told (REJECT), nothing of it is served any more."""
         a.active.discard(cid)
-        self.transport.send(self.host_of[cid], header_for(Kind.REJECT, None, round=a.tag, client=cid, step=step))
+        self.transport.send(self.host_of[cid], Kind.REJECT, round=a.want.round, attempt=a.want.attempt, client=cid,
+                            step=step)
         a.pending[:] = [m for m in a.pending if m.header.client != cid]
         # A batch waiting on this client's gradient goes on without it.
         for key in [k for k in a.where if k[0] == cid]:
@@ -197,7 +194,7 @@ class BodyService:
         members, a.pending = a.pending, []
         keep = self.body.trains or sum(g.out_BND is not None for g in a.groups.values()) < self.max_pending
         t0 = time.perf_counter()
-        acts_BND = torch.cat([m.payload for m in members]).to(self.body.device, torch.float32)
+        acts_BND = from_wire(torch.cat([m.payload for m in members]), self.body.device)
         need_grad = keep and (any(m.header.aux for m in members) or self.body.trains)
         with torch.set_grad_enabled(need_grad):
             leaf_BND = acts_BND.requires_grad_(need_grad)
@@ -205,9 +202,7 @@ class BodyService:
         offset = 0
         for m in members:
             b = m.header.shape[0]
-            piece = out_BND[offset:offset + b].detach().to(a.want.wire)
-            self.transport.send(m.source, header_for(Kind.BODY_OUT, piece, round=m.header.round,
-                                                     client=m.header.client, step=m.header.step), piece)
+            self._reply(m, Kind.BODY_OUT, out_BND[offset:offset + b], a.want.wire)
             offset += b
         a.stat["fwd"] += time.perf_counter() - t0
         a.stat["passes"] += 1
@@ -221,7 +216,7 @@ class BodyService:
     def _backward(self, a: Attempt, group: Group) -> None:
         """The body's backward for a batch whose gradients are all in; dL/dacts goes back to the clients."""
         t0 = time.perf_counter()
-        grad_BND = torch.cat([group.grads[i] for i in range(len(group.members))]).to(self.body.device, torch.float32)
+        grad_BND = from_wire(torch.cat([group.grads[i] for i in range(len(group.members))]), self.body.device)
         if group.out_BND is None:  # the graph was not kept: recompute the body's forward
             leaf_BND = group.acts_BND.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -233,11 +228,15 @@ class BodyService:
         for m in group.members:
             b = m.header.shape[0]
             if m.header.client in a.active:
-                piece = g_BND[offset:offset + b].detach().to(a.want.wire)
-                self.transport.send(m.source, header_for(Kind.GRAD_ACTS, piece, round=m.header.round,
-                                                         client=m.header.client, step=m.header.step), piece)
+                self._reply(m, Kind.GRAD_ACTS, g_BND[offset:offset + b], a.want.wire)
             offset += b
         a.stat["bwd"] += time.perf_counter() - t0
+
+    def _reply(self, m: Message, kind: Kind, piece_BND: torch.Tensor, wire: torch.dtype) -> None:
+        """Send a client its slice of a body pass's output or input gradient, answering ``m``."""
+        h = m.header
+        self.transport.send(m.source, kind, to_wire(piece_BND, wire), round=h.round, attempt=h.attempt,
+                            client=h.client, step=h.step)
 
 
 def short(ids: list[int]) -> str:

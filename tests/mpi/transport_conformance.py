@@ -3,9 +3,13 @@ protocol, run for every implementation.
 
     mpiexec -n 3 python -m mpi4py tests/mpi/transport_conformance.py mpi
     mpiexec -n 3 python -m mpi4py tests/mpi/transport_conformance.py gloo
+    mpiexec -n 2 python -m mpi4py tests/mpi/transport_conformance.py nccl    # one GPU per rank
     python tests/mpi/transport_conformance.py loopback 3     # ranks as threads
 
-Every check is collective: all ranks run it, separated by barriers. Rank 0
+Every transport runs the one list ``CHECKS``, wrapped in ``Counted`` as runs
+use it; a check that needs something only some transports have (MPI's node
+layout, payloads that travel through MPI) says so in ``ONLY``. Every check
+is collective: all ranks run it, separated by barriers. Rank 0
 prints ``ok <check>`` for each and ``CONFORMANCE PASSED`` at the end; any
 failure raises (``python -m mpi4py`` turns that into an abort of every rank,
 so a failing rank cannot leave the others waiting).
@@ -24,8 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sfprompt_mpi.comm.protocol import (ANY_SOURCE, HEADER_LEN, Header, Kind, ProtocolError,  # noqa: E402
-                                        Transport, header_for, pack_header)
+from sfprompt_mpi.comm.protocol import (ANY_SOURCE, HEADER_LEN, MAX_DIMS, Header, Kind,  # noqa: E402
+                                        ProtocolError, Transport, outgoing, pack_header)
+from sfprompt_mpi.comm.wrappers import Counted  # noqa: E402
 
 TIMEOUT = 30.0  # generous bound on every receive that should succeed
 KINDS = list(Kind)
@@ -40,10 +45,11 @@ CASES: list[tuple[torch.dtype, tuple[int, ...]] | None] = [
 
 
 class Group:
-    """The collective side-channel the checks need: barrier and allgather."""
+    """The collective side-channel the checks need: barrier and allgather (and the transport's kind)."""
 
     rank: int
     size: int
+    kind: str = ""
 
     def barrier(self) -> None: ...
 
@@ -103,14 +109,17 @@ def check_roundtrip(t: Transport, g: Group) -> None:
     dest, src = (g.rank + 1) % g.size, (g.rank - 1) % g.size
     for i, case in enumerate(CASES):
         x = None if case is None else make_tensor(*case, seed=1000 * g.rank + i)
-        t.send(dest, header_for(KINDS[i % len(KINDS)], x, round=7, client=g.rank, step=i, aux=3 * i - 1), x)
+        h = t.send(dest, KINDS[i % len(KINDS)], x, round=7, attempt=i % 3, client=g.rank, step=i, aux=3 * i - 1)
+        assert h == Header(KINDS[i % len(KINDS)], 7, g.rank, i, torch.float32 if x is None else x.dtype,
+                           None if x is None else tuple(x.shape), 3 * i - 1, i % 3), h  # built from the tensor
     x = make_tensor(torch.float32, (4, 6), seed=g.rank).t()  # not contiguous
-    t.send(dest, header_for(Kind.ACTS, x, client=g.rank, step=len(CASES)), x)
+    t.send(dest, Kind.ACTS, x, client=g.rank, step=len(CASES))
     for i, case in enumerate(CASES):
         m = t.recv(src, timeout=TIMEOUT, waiting_for=f"roundtrip case {i}")
         h = m.header
         assert m.source == src, (m.source, src)
-        assert (h.kind, h.round, h.client, h.step, h.aux) == (KINDS[i % len(KINDS)], 7, src, i, 3 * i - 1), h
+        assert (h.kind, h.round, h.attempt, h.client, h.step, h.aux) == (KINDS[i % len(KINDS)], 7, i % 3, src, i,
+                                                                         3 * i - 1), h
         assert_same(m.payload, None if case is None else make_tensor(*case, seed=1000 * src + i), f"case {i} {case}")
     m = t.recv(src, timeout=TIMEOUT, waiting_for="the transposed tensor")
     assert_same(m.payload, make_tensor(torch.float32, (4, 6), seed=src).t().contiguous(), "transposed")
@@ -123,7 +132,7 @@ def check_any_source(t: Transport, g: Group) -> None:
     if g.rank != 0:
         for j in range(per_sender):
             x = torch.full((g.rank, j + 1), 10 * g.rank + j, dtype=torch.int64)
-            t.send(0, header_for(Kind.UPDATE, x, client=g.rank, step=j), x)
+            t.send(0, Kind.UPDATE, x, client=g.rank, step=j)
         return
     nxt = {r: 0 for r in range(1, g.size)}
     m = t.recv(g.size - 1, timeout=TIMEOUT, waiting_for="the last rank's first message")
@@ -143,7 +152,7 @@ def check_poll(t: Transport, g: Group) -> None:
     assert not t.poll(), f"rank {g.rank}: poll() true with nothing sent"
     g.barrier()
     if g.rank == 1:
-        t.send(0, Header(Kind.STOP, step=99))
+        t.send(0, Kind.STOP, step=99)
     g.barrier()
     if g.rank == 0:
         deadline = time.monotonic() + TIMEOUT
@@ -229,7 +238,7 @@ def check_big(t: Transport, g: Group) -> None:
     peer = 1 - g.rank
     x = make_tensor(torch.float32, (4, 1024, 1024), seed=77 + g.rank)
     t0 = time.perf_counter()
-    t.send(peer, header_for(Kind.BODY_OUT, x, client=g.rank), x)
+    t.send(peer, Kind.BODY_OUT, x, client=g.rank)
     m = t.recv(peer, timeout=TIMEOUT, waiting_for="the 16 MiB tensor")
     dt = time.perf_counter() - t0
     assert_same(m.payload, make_tensor(torch.float32, (4, 1024, 1024), seed=77 + peer), "16 MiB")
@@ -243,7 +252,7 @@ def check_flood(t: Transport, g: Group) -> None:
     if g.rank != 0:
         for j in range(count):
             x = torch.full((1 << 18,) if j % 50 == 0 else (3,), g.rank * 1000 + j, dtype=torch.float32)
-            t.send(0, header_for(Kind.ACTS, x, client=g.rank, step=j), x)
+            t.send(0, Kind.ACTS, x, client=g.rank, step=j)
     g.barrier()  # the senders got here, so no send waited for rank 0
     if g.rank == 0:
         nxt = {r: 0 for r in range(1, g.size)}
@@ -271,51 +280,60 @@ def check_counters(t: Transport, g: Group) -> None:
     print(f"bytes: {total_sent} sent = {total_recv} received", flush=True)
 
 
-CHECKS: list[Callable[[Transport, Group], None]] = [
-    check_roundtrip, check_any_source, check_poll, check_timeout, check_waiting_cpu, check_big, check_flood,
-]
-
-
-# ------------------------------------------------ checks of the MPI-based transports
-
-
 def check_send_validation(t: Transport, g: Group) -> None:
-    for header, payload in [(header_for(Kind.ACTS, torch.zeros(3)), torch.zeros(4)),
-                            (header_for(Kind.ACTS, torch.zeros(3)), torch.zeros(3, dtype=torch.float64)),
-                            (header_for(Kind.ACTS, torch.zeros(3)), None)]:
+    """``send`` refuses what no receiver would accept, before anything leaves."""
+    dest = (g.rank + 1) % g.size
+    huge = torch.empty(1 << 20, 1 << 12, device="meta")  # 16 GiB that need no memory
+    for kind, x, words in [(Kind.ACTS, torch.zeros(3, dtype=torch.complex64), "dtype not allowed"),
+                           (Kind.ACTS, torch.zeros(3, dtype=torch.bool), "dtype not allowed"),
+                           (Kind.ACTS, torch.zeros((1,) * (MAX_DIMS + 1)), "dimensions"),
+                           (Kind.ACTS, huge, "exceeds the limit"),
+                           (3, torch.zeros(3), "not a Kind")]:
         try:
-            t.send((g.rank + 1) % g.size, header, payload)
-        except ProtocolError:
+            t.send(dest, kind, x)
+        except ProtocolError as exc:
+            assert words in str(exc), (words, str(exc))
             continue
-        raise AssertionError(f"send accepted {header.describe()} with payload {payload}")
+        raise AssertionError(f"send accepted {kind} with {x.dtype}{list(x.shape)}")
+    g.barrier()
+    assert not t.poll(), f"rank {g.rank}: a refused send left a message behind"
 
 
-def check_malformed(t: Any, g: Group, payload_on_mpi: bool) -> None:
-    """Raw messages on the transport's own communicator: bad headers and a short payload are refused."""
+def _send_raw(t: Any, kind: str, dest: int, wire: np.ndarray, payload: np.ndarray | None) -> None:
+    """A packed header (and payload bytes) sent as they are, past every check of ``send``."""
+    if kind == "loopback":
+        t.raw.push(dest, wire, None if payload is None else torch.from_numpy(payload))
+        return
     from mpi4py import MPI
 
     from sfprompt_mpi.comm.mpi import HEADER_TAG, PAYLOAD_TAG
+    t.comm.Send([wire, MPI.INT64_T], dest, HEADER_TAG)
+    if payload is not None:
+        t.comm.Send([payload, MPI.BYTE], dest, PAYLOAD_TAG)
 
+
+def check_malformed(t: Any, g: Group) -> None:
+    """Raw messages: bad headers, and payloads shorter or longer than announced, are refused."""
+    kind = g.kind
     bad_magic = pack_header(Header(Kind.STOP))
     bad_magic[0] = 12345
     bad_kind = pack_header(Header(Kind.STOP))
     bad_kind[1] = 99
+    bad_attempt = pack_header(Header(Kind.STOP))
+    bad_attempt[-1] = -1
     huge = pack_header(Header(Kind.ACTS, dtype=torch.float32, shape=(1 << 20, 1 << 20)))
-    raws = [(bad_magic, "magic"), (bad_kind, "unknown message kind"), (huge, "exceeds"),
-            (np.zeros(HEADER_LEN + 3, dtype=np.int64), "bad header")]
+    raws = [(bad_magic, None, "magic"), (bad_kind, None, "unknown message kind"), (bad_attempt, None, "attempt -1"),
+            (huge, None, "exceeds"), (np.zeros(HEADER_LEN + 3, dtype=np.int64), None, "bad header")]
+    if kind in ("mpi", "loopback"):  # payloads that travel with the headers (on MPI, or in the mailbox)
+        raws.append((pack_header(outgoing(Kind.ACTS, torch.zeros(4))), np.zeros(8, dtype=np.uint8),
+                     "announced 16 bytes but 8 came"))
+        raws.append((pack_header(outgoing(Kind.ACTS, torch.zeros(2))), np.zeros(64, dtype=np.uint8),
+                     "announced 8 bytes but"))
     if g.rank == 1:
-        for wire, _ in raws:
-            t.comm.Send([wire, MPI.INT64_T], 0, HEADER_TAG)
-        if payload_on_mpi:
-            t.comm.Send([pack_header(header_for(Kind.ACTS, torch.zeros(4))), MPI.INT64_T], 0, HEADER_TAG)
-            t.comm.Send([np.zeros(8, dtype=np.uint8), MPI.BYTE], 0, PAYLOAD_TAG)
-            t.comm.Send([pack_header(header_for(Kind.ACTS, torch.zeros(2))), MPI.INT64_T], 0, HEADER_TAG)
-            t.comm.Send([np.zeros(64, dtype=np.uint8), MPI.BYTE], 0, PAYLOAD_TAG)
+        for wire, payload, _ in raws:
+            _send_raw(t, kind, 0, wire, payload)
     if g.rank == 0:
-        if payload_on_mpi:
-            raws.append((None, "announced 16 bytes but 8 came"))
-            raws.append((None, "announced 8 bytes but more came"))
-        for _, words in raws:
+        for _, _, words in raws:
             try:
                 t.recv(1, timeout=TIMEOUT, waiting_for="a malformed message")
             except ProtocolError as exc:
@@ -324,47 +342,62 @@ def check_malformed(t: Any, g: Group, payload_on_mpi: bool) -> None:
                 raise AssertionError(f"a malformed message ({words}) was accepted")
 
 
-def check_inplace_detected(t: Any, g: Group) -> None:
-    """Writing into a payload whose send is still in flight is an error, not silent corruption."""
+def check_inplace(t: Any, g: Group) -> None:
+    """Writing into a payload after ``send`` never corrupts silently: the receiver gets the tensor as it
+    was sent (the transport copied it), or the writer is told while the send is in flight (MPI sends from it)."""
     x = torch.zeros(4 << 20, dtype=torch.float32)  # 16 MiB: MPI cannot finish it before the receiver matches
+    caught = False
     if g.rank == 0:
-        t.send(1, header_for(Kind.PARAMS, x), x)
+        t.send(1, Kind.PARAMS, x)
         x.add_(1)
         try:
             t.poll()
         except RuntimeError as exc:
             assert "modified in place" in str(exc), str(exc)
-        else:
-            raise AssertionError("in-place write to a payload in flight went unnoticed")
-    g.barrier()
+            caught = True
+    caught = g.allgather(caught)[0]
     if g.rank == 1:
-        t.recv(0, timeout=TIMEOUT, waiting_for="the modified payload")
+        m = t.recv(0, timeout=TIMEOUT, waiting_for="the modified payload")
+        assert caught or not bool(m.payload.any()), "an in-place write after send reached the receiver unnoticed"
 
 
-# ----------------------------------------------------------------------- main
+def check_closed(t: Transport, g: Group) -> None:
+    """A closed transport refuses to be used (and closing twice is fine)."""
+    t.close()
+    t.close()
+    for use in (lambda: t.send(g.rank, Kind.STOP), lambda: t.recv(timeout=0.01), lambda: t.poll()):
+        try:
+            use()
+        except RuntimeError as exc:
+            assert "used after close" in str(exc), str(exc)
+        else:
+            raise AssertionError("a closed transport was used")
 
-NEEDS_TWO_RANKS = {"check_any_source", "check_poll", "check_big", "check_flood", "check_malformed_messages",
-                   "check_inplace_detected"}
+
+#: The conformance list, in order; every transport runs all of it except where ``ONLY`` says otherwise.
+CHECKS: list[Callable[..., None]] = [
+    check_roundtrip, check_any_source, check_poll, check_timeout, check_waiting_cpu, check_big, check_flood,
+    check_send_validation, check_malformed, check_inplace, check_wait_policy, check_counters, check_closed,
+]
+#: Checks that need what only some transports have. gloo and NCCL send from a staged copy whose
+#: completion a helper thread or stream reports, so an in-place write cannot be caught reliably there.
+ONLY = {"check_wait_policy": {"mpi"}, "check_inplace": {"mpi", "loopback"}}
+NEEDS_TWO_RANKS = {"check_any_source", "check_poll", "check_big", "check_flood", "check_malformed", "check_inplace"}
 
 
-def run_checks(t: Transport, g: Group, kind: str) -> None:
-    checks = list(CHECKS)
-    if kind != "loopback":
-        def check_malformed_messages(t: Transport, g: Group) -> None:
-            check_malformed(t, g, payload_on_mpi=kind == "mpi")
-
-        checks += [check_send_validation, check_malformed_messages]
-        if kind == "mpi":
-            checks += [check_inplace_detected, check_wait_policy]
-    checks.append(check_counters)
-    for check in checks:
-        g.barrier()
-        if g.size == 1 and check.__name__ in NEEDS_TWO_RANKS:
+def run_checks(raw: Transport, g: Group, kind: str) -> None:
+    """Every check of ``CHECKS`` that applies to ``kind``, on ``raw`` wrapped as runs use it; closes it."""
+    t = Counted(raw)
+    g.kind = kind
+    for check in CHECKS:
+        name = check.__name__
+        if kind not in ONLY.get(name, {kind}) or (g.size == 1 and name in NEEDS_TWO_RANKS):
             continue
+        g.barrier()
         check(t, g)
         g.barrier()
         if g.rank == 0:
-            print(f"ok {check.__name__}", flush=True)
+            print(f"ok {name}", flush=True)
 
 
 def run_loopback(size: int) -> None:
@@ -376,9 +409,7 @@ def run_loopback(size: int) -> None:
 
     def rank_main(rank: int) -> None:
         try:
-            t = hub.endpoint(rank)
-            run_checks(t, ThreadGroup(shared, rank), "loopback")
-            t.close()
+            run_checks(hub.endpoint(rank), ThreadGroup(shared, rank), "loopback")
         except BaseException as exc:  # noqa: BLE001 - re-raised by the main thread
             failures.append(exc)
             hub.abort(f"rank {rank}: {exc!r}")
@@ -416,16 +447,12 @@ def run_mpi(kind: str) -> None:
             if g.rank == 0:
                 print("ok nccl refused without a GPU per rank", flush=True)
     t0 = time.perf_counter()
-    t = build_transport(kind, comm, torch.device("cpu"))
+    t = build_transport(kind, comm, None if kind == "nccl" else torch.device("cpu"))
     setup = time.perf_counter() - t0
-    run_checks(t, g, kind)
-    t0 = time.perf_counter()
-    t.close()
-    t.close()  # idempotent
-    closing = time.perf_counter() - t0
+    run_checks(t, g, kind)  # its last check closes t
     g.barrier()
     if g.rank == 0:
-        print(f"setup {setup * 1e3:.0f} ms, close {closing * 1e3:.0f} ms", flush=True)
+        print(f"setup {setup * 1e3:.0f} ms", flush=True)
         print(f"CONFORMANCE PASSED {kind} size={g.size}", flush=True)
 
 
