@@ -154,3 +154,22 @@ def test_table_refuses_an_unknown_algorithm_with_one_line(capsys):
     assert main(["--algos", "fedsgd"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: unknown algorithm fedsgd in --algos (known: " + ", ".join(ALGOS) + ")"]
+
+
+@pytest.mark.parametrize("algo, has, lacks", [
+    ("fl-full", ["whole model on every client", "(every parameter)"], ["prompts", "frozen", "pruning", "wire"]),
+    ("fedpeft-adapter", ["whole model on every client", "adapters"], ["prompts", "frozen", "pruning"]),
+    ("sfl-full", ["body  4 blocks", "(server, trained by the server)"], ["prompts", "pruning"]),
+    ("sfprompt", ["8 shallow prompts", "(server, frozen)", "EL2N pruning keeps 0.5", "kept for split training: ~180"],
+     ["whole model"]),
+])
+def test_dry_run_describes_each_algorithms_own_plan(capsys, algo, has, lacks):
+    from sfprompt_mpi.run import main
+
+    assert main(["--algo", algo, "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert plan.startswith(f"plan: {algo} on digits")
+    for text in has:
+        assert text in plan, (text, plan)
+    for text in lacks:
+        assert text not in plan, (text, plan)
