@@ -37,7 +37,7 @@ from .fed.algos import algo_of, build_run_model
 from .model.split import apply_client_cut, freeze_except
 from .model.vit import build_backbone
 from .node import wait_policy
-from .run import World, client_hosts, set_threads, setup_logging
+from .world import World, client_hosts, set_threads, setup_logging
 
 log = logging.getLogger("sfprompt_mpi")
 

@@ -24,7 +24,7 @@ from sfprompt_mpi.fed.server import select_clients
 from sfprompt_mpi.metrics.accounting import build_meta_model, client_round_bytes, needs_grad, round_bytes
 from sfprompt_mpi.metrics.h5 import rank_file, read_metrics
 from sfprompt_mpi.model.vit import model_depth_and_size
-from sfprompt_mpi.run import client_hosts
+from sfprompt_mpi.world import client_hosts
 from run_helpers import run_bounded  # tests/mpi, on sys.path via tests/conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
