@@ -9,7 +9,7 @@ Takes every flag of ``python -m sfprompt_mpi.run`` (and ``--config``). Needs no
 dataset files, no weights and no MPI: the model is built on the meta device.
 
 Communication: bytes per client per round, per message kind, exactly as the
-wire carries them (:mod:`sfprompt_mpi.metrics.accounting`, which a test holds
+wire carries them (:mod:`sfprompt_mpi.estimate`, which a test holds
 equal to what real runs measured). FedAvg full fine-tuning is priced on the
 same wire: every selected client downloads and uploads all backbone
 parameters as float32, one header each way. START messages (one header plus
@@ -89,7 +89,7 @@ def nominal_dataset(cfg: Config) -> tuple[int, int]:
 
 def estimate(cfg: Config, samples_per_client: int = 0, fedavg_epochs: int = 0) -> dict[str, Any]:
     """All the numbers, as a JSON-ready dict (bytes and FLOPs are integers)."""
-    from .metrics import accounting as acc
+    from . import estimate as acc
     from .model.vit import build_backbone
 
     n_train, classes = nominal_dataset(cfg)
@@ -160,7 +160,7 @@ def algorithm_costs(cfg: Config, shard: int, classes: int) -> dict[str, dict[str
     import dataclasses
 
     from .config import ALGOS
-    from .metrics import accounting as acc
+    from . import estimate as acc
     from .model.vit import build_backbone
 
     full = build_backbone(cfg.model, classes, meta=True)

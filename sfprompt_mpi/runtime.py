@@ -31,7 +31,7 @@ from .fed.checkpoint import check_compatible, load_checkpoint
 from .fed.client import ClientHost
 from .fed.server import Server
 from .fed.state import Layout, server_trained_names, trainable_names
-from .metrics.accounting import describe_plan
+from .estimate import describe_plan
 from .metrics.h5 import MetricsWriter, link_rank_files
 from .fed.algos import algo_of, build_run_model
 from .model.split import apply_client_cut, freeze_except

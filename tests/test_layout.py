@@ -73,3 +73,11 @@ def test_no_import_cycle_in_the_package():
     graph = import_graph()
     assert "sfprompt_mpi.world" in graph["sfprompt_mpi.runtime"]  # the graph is really read
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_metrics_is_a_leaf():
+    """metrics/ writes and reads HDF5; the analytic cost model lives in estimate.py beside cost.py."""
+    graph = import_graph()
+    metrics = [m for m in graph if m.startswith("sfprompt_mpi.metrics")]
+    outside = {d for m in metrics for d in graph[m] if not d.startswith("sfprompt_mpi.metrics")}
+    assert outside <= {"sfprompt_mpi.errors"}, outside

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..comm.protocol import HEADER_BYTES
-from ..config import Config
-from ..fed.algos import algo_of, build_run_model, prompt_len, uses_sfprompt_phases
-from ..fed.pruning import keep_count
+from .comm.protocol import HEADER_BYTES
+from .config import Config
+from .fed.algos import algo_of, build_run_model, prompt_len, uses_sfprompt_phases
+from .fed.pruning import keep_count
 
 WIRE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FLOAT32_BYTES = 4  # parameter vectors always travel as float32
@@ -90,8 +90,8 @@ def fedavg_client_round_bytes(numel: int) -> dict[str, dict[str, int]]:
 
 def build_meta_model(cfg: Config, num_classes: int):
     """-> (the run's model on the meta device with exactly its client-trained parameters trainable, its Layout)."""
-    from ..fed.state import Layout, server_trained_names, trainable_names
-    from ..model.split import freeze_except
+    from .fed.state import Layout, server_trained_names, trainable_names
+    from .model.split import freeze_except
 
     model = build_run_model(cfg, num_classes, meta=True)
     layout = Layout(model, trainable_names(model, cfg))
@@ -228,7 +228,7 @@ def fedavg_client_round_flops(shard: int, epochs: int, f: PassFlops) -> int:
 
 def describe_plan(cfg: Config, hosts: dict[int, list[int]], world_size: int, threads: int) -> str:
     """The --dry-run report: split, parameter counts, placement, samples and bytes per round."""
-    from ..data.datasets import check_dataset_files
+    from .data.datasets import check_dataset_files
 
     n_train, classes = check_dataset_files(cfg.data)
     model, layout = build_meta_model(cfg, classes)
