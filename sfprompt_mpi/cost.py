@@ -31,7 +31,8 @@ import sys
 from typing import Any
 
 from .config import FIELDS, Config, build_config, build_parser, load_toml
-from .errors import EXIT_USER_ERROR, UserError
+from .cli import main_guard
+from .errors import UserError
 from .output import write_json
 
 #: Clients when ``--clients`` is 0, as in a single-process run.
@@ -243,15 +244,15 @@ def _mb(n: int | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, args = parse_args(argv)
-        result = estimate(cfg, args.samples_per_client, args.fedavg_epochs)
-        print(render(result))
-        if args.json:
-            write_json(args.json, result, indent=2, sort_keys=True)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return main_guard(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    cfg, args = parse_args(argv)
+    result = estimate(cfg, args.samples_per_client, args.fedavg_epochs)
+    print(render(result))
+    if args.json:
+        write_json(args.json, result, indent=2, sort_keys=True)
     return 0
 
 

@@ -1,6 +1,6 @@
 """The one exception type for mistakes a user can cause.
 
-``run.py`` (and every other CLI entry point) catches :class:`UserError` once,
+Every CLI entry point catches :class:`UserError` once (``cli.main_guard``),
 prints its message as a single line and exits with code 2. Everything else is
 a bug or a fault and keeps its traceback.
 """

@@ -19,14 +19,12 @@ import time
 _STARTED = time.monotonic()  # before anything heavy is imported
 
 import sys
-import traceback
 from pathlib import Path
-from typing import Any
 
+from .cli import Where, main_guard
 from .config import FIELDS, Config, build_parser, config_from_dict, load_toml, parse_config
-from .errors import EXIT_RUN_STOPPED, EXIT_USER_ERROR, RunStopped, UserError
-from .node import single_process_layout
-from .world import World, detect_world, node_memory_check
+from .errors import UserError
+from .world import detect_world, node_memory_check
 
 
 def resolve_config(argv: list[str] | None) -> Config:
@@ -47,41 +45,20 @@ def resolve_config(argv: list[str] | None) -> Config:
     return config_from_dict(values)
 
 
-def abort_job(rank: int, exc: BaseException, comm: Any) -> int:
-    """Print this rank's fault once, with its traceback, and abort the whole MPI job (exit code 1)."""
-    sys.stderr.write(f"[r{rank:02d}] failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-    sys.stderr.flush()
-    comm.Abort(1)
-    return 1
-
-
 def main(argv: list[str] | None = None, started: float | None = None) -> int:
     """``started``: time.monotonic() when the process began (for the "setup took" line)."""
     started = time.monotonic() if started is None else started
-    world = World(None, 0, 1, single_process_layout())
-    try:
+    where = Where(interrupts=True)
+
+    def job(argv: list[str] | None) -> int:
         world = detect_world()
+        where.rank, where.mpi = world.rank, not world.single
         cfg = resolve_config(argv)
         node_memory_check(world)
         from .runtime import run_job  # heavy imports (torch, timm) only after argument checks
         return run_job(cfg, world, started)
-    except UserError as exc:
-        if world.rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except RunStopped as exc:  # e.g. too few clients survived a round: one line, no traceback
-        sys.stderr.write(f"[r{world.rank:02d}] stopped: {exc}\n")
-        sys.stderr.flush()
-        if not world.single:
-            world.comm.Abort(EXIT_RUN_STOPPED)  # a dropped rank may still be busy: end it too
-        return EXIT_RUN_STOPPED
-    except KeyboardInterrupt:
-        print(f"[r{world.rank:02d}] interrupted", file=sys.stderr)
-        return 130
-    except BaseException as exc:  # noqa: BLE001 - any fault must end the whole job
-        if world.single:
-            raise
-        return abort_job(world.rank, exc, world.comm)
+
+    return main_guard(job, argv, where)
 
 
 if __name__ == "__main__":

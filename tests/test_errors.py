@@ -150,3 +150,26 @@ def test_unreadable_or_missing_checkpoint_is_refused(capsys, tmp_path) -> None:
     _fails_with_one_line(capsys, ["--resume", str(run_dir), "--rounds", "2"], "corrupt")
     (run_dir / "checkpoint" / "global.safetensors").unlink()
     _fails_with_one_line(capsys, ["--resume", str(run_dir), "--rounds", "2"], "no checkpoint")
+
+
+def test_main_guard_turns_user_errors_and_stops_into_exit_codes(capsys):
+    from sfprompt_mpi.cli import Where, main_guard
+    from sfprompt_mpi.errors import RunStopped
+
+    def fails(exc):
+        def work(argv):
+            raise exc
+        return work
+
+    assert main_guard(lambda argv: 0, []) == 0
+    assert main_guard(fails(UserError("bad --x")), []) == 2
+    assert capsys.readouterr().err == "error: bad --x\n"
+    assert main_guard(fails(UserError("bad --x")), [], Where(rank=1)) == 2
+    assert capsys.readouterr().err == ""  # only rank 0 speaks
+    assert main_guard(fails(RunStopped("2 of 4 clients left")), [], Where(rank=0)) == 3
+    assert capsys.readouterr().err == "[r00] stopped: 2 of 4 clients left\n"
+    assert main_guard(fails(KeyboardInterrupt()), [], Where(interrupts=True)) == 130
+    with pytest.raises(KeyboardInterrupt):
+        main_guard(fails(KeyboardInterrupt()), [])
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback outside MPI
+        main_guard(fails(ZeroDivisionError()), [])
