@@ -30,7 +30,7 @@ import argparse
 import sys
 from typing import Any
 
-from .config import FIELDS, Config, build_config, build_parser, load_toml
+from .config import FIELDS, Config, build_config, build_parser, clients_per_round, load_toml
 from .cli import main_guard
 from .errors import UserError
 from .output import write_json
@@ -99,7 +99,7 @@ def estimate(cfg: Config, samples_per_client: int = 0, fedavg_epochs: int = 0) -
     if shard < 1:
         raise UserError(f"{clients} clients share {n_train} training samples: none per client; "
                         "lower --clients or pass --samples-per-client")
-    selected = max(1, round(cfg.fed.fraction * clients))
+    selected = clients_per_round(clients, cfg.fed.fraction)
     epochs = fedavg_epochs or max(1, cfg.fed.local_epochs)
 
     model, layout = acc.build_meta_model(cfg, classes)

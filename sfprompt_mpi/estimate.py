@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .comm.protocol import HEADER_BYTES
-from .config import Config
+from .config import WIRE_DTYPES, Config, clients_per_round
 from .fed.algos import algo_of, build_run_model, prompt_len, uses_sfprompt_phases
 from .fed.pruning import keep_count
 
-WIRE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+WIRE_BYTES = {name: getattr(torch, name).itemsize for name in WIRE_DTYPES}
 FLOAT32_BYTES = 4  # parameter vectors always travel as float32
 
 
@@ -235,7 +235,7 @@ def describe_plan(cfg: Config, hosts: dict[int, list[int]], world_size: int, thr
     count = part_sizes(model)
     n_clients = sum(len(c) for c in hosts.values())
     per_client = n_train // n_clients
-    k = max(1, round(cfg.fed.fraction * n_clients))
+    k = clients_per_round(n_clients, cfg.fed.fraction)
     one = client_round_bytes(per_client, cfg, tokens=model.tokens, width=model.width, flat=layout.numel,
                              need_grad=needs_grad(cfg))
     up, down = sum(one["up"].values()), sum(one["down"].values())

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from .comm.loopback import LoopbackHub
-from .config import Config
+from .config import Config, clients_per_round
 from .data.datasets import FedData, build_data, check_dataset_files, prepare_dataset
 from .data.partition import partition_indices
 from .errors import UserError
@@ -68,7 +68,7 @@ def num_clients(cfg: Config, world: World) -> int:
     if world.single and cfg.comm.transport != "mpi":
         raise UserError(f"--transport {cfg.comm.transport} carries tensors between MPI ranks but this run has one "
                         f"process; launch with mpiexec -n 2 or more, or drop --transport")
-    k = max(1, round(cfg.fed.fraction * n))
+    k = clients_per_round(n, cfg.fed.fraction)
     if cfg.comm.min_clients > k:
         raise UserError(f"--min-clients {cfg.comm.min_clients} exceeds the {k} clients selected per round "
                         f"({n} clients x --fraction {cfg.fed.fraction}); lower --min-clients")

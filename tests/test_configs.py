@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sfprompt_mpi.config import Config, build_config, load_toml
+from sfprompt_mpi.config import FIELDS, WIRE_DTYPES, Config, build_config, clients_per_round, load_toml
+from sfprompt_mpi.fed.server import select_clients
 from sfprompt_mpi.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -126,3 +127,27 @@ def test_out_of_range_value_is_named(tmp_path):
     path.write_text('[fed]\nrounds = 0\n')
     with pytest.raises(UserError, match=r"fed\.rounds"):
         build_config(load_toml(path))
+
+
+@pytest.mark.parametrize("name", [n for n, (_, f) in FIELDS.items() if f.metadata["choices"]])
+def test_every_choice_field_refuses_a_value_outside_its_choices(name):
+    section, f = FIELDS[name]
+    with pytest.raises(UserError, match=rf"^{section}\.{name} must be one of .*, got 'nonsense'$"):
+        build_config({section: {name: "nonsense"}})
+    for choice in f.metadata["choices"]:
+        build_config({section: {name: choice}})
+
+
+def test_clients_per_round_is_the_one_formula():
+    assert [clients_per_round(n, f) for n, f in [(10, 1.0), (10, 0.25), (10, 0.01), (3, 0.5), (5, 0.5)]] == \
+        [10, 2, 1, 2, 2]
+    assert select_clients(10, 0.25, seed=0, rnd=1) == sorted(select_clients(10, 0.25, seed=0, rnd=1))
+    assert len(select_clients(10, 0.25, seed=0, rnd=1)) == clients_per_round(10, 0.25)
+
+
+def test_wire_bytes_follow_the_wire_dtype_names():
+    import torch
+
+    from sfprompt_mpi.estimate import WIRE_BYTES
+    assert WIRE_BYTES == {n: torch.empty(0, dtype=getattr(torch, n)).element_size() for n in WIRE_DTYPES}
+    assert FIELDS["wire_dtype"][1].metadata["choices"] == WIRE_DTYPES
