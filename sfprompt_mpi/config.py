@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (setup.cfg installs it there)
+    import tomli as tomllib
 
 ALGOS = ("sfprompt", "fl-full", "fl-linear", "fedpeft-prompt", "fedpeft-bias",
          "fedpeft-adapter", "sfl-full", "sfl-linear")

@@ -151,3 +151,26 @@ def test_wire_bytes_follow_the_wire_dtype_names():
     from sfprompt_mpi.estimate import WIRE_BYTES
     assert WIRE_BYTES == {n: torch.empty(0, dtype=getattr(torch, n)).element_size() for n in WIRE_DTYPES}
     assert FIELDS["wire_dtype"][1].metadata["choices"] == WIRE_DTYPES
+
+
+def test_config_reads_toml_without_tomllib(tmp_path):
+    """Python 3.10 has no tomllib: config falls back to tomli, which setup.cfg installs there."""
+    import subprocess
+    import sys
+
+    (tmp_path / "a.toml").write_text("[fed]\nrounds = 3\n")
+    script = (
+        "import sys, tomllib\n"
+        "sys.modules['tomli'] = tomllib  # stands in for the PyPI package of the same parser\n"
+        "del sys.modules['tomllib']\n"
+        "class NoTomllib:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'tomllib': raise ModuleNotFoundError(\"No module named 'tomllib'\", name=name)\n"
+        "sys.meta_path.insert(0, NoTomllib())\n"
+        "from sfprompt_mpi.config import build_config, load_toml\n"
+        f"print(build_config(load_toml({str(tmp_path / 'a.toml')!r})).fed.rounds)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "3"
+    setup = (Path(__file__).resolve().parents[1] / "setup.cfg").read_text()
+    assert "python_requires = >=3.10" in setup and 'tomli>=1.1; python_version < "3.11"' in setup
