@@ -306,8 +306,11 @@ def validate(cfg: Config) -> None:
            f"--dp-clip runs DP-FedAvg, which does its own clipping and averaging; drop --aggregator {fe.aggregator} or --dp-clip")
     _check(c.min_clients >= 1, f"comm.min_clients must be >= 1, got {c.min_clients}")
     _check(c.round_retries >= 0, f"comm.round_retries must be >= 0, got {c.round_retries}")
+    _check(0 <= r.seed < 2**63, f"run.seed must be in [0, 2**63 - 1] (a 64-bit TOML integer >= 0), got {r.seed}")
     if r.inject_fault:
-        parse_fault(r.inject_fault)
+        fault = parse_fault(r.inject_fault)
+        _check(1 <= fault.round <= fe.rounds,
+               f"run.inject_fault round {fault.round} is not a round of this run (1..{fe.rounds})")
 
 
 @dataclass(frozen=True)

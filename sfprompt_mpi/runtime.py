@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from .comm.loopback import LoopbackHub
-from .config import Config, clients_per_round
+from .config import Config, clients_per_round, parse_fault
 from .data.datasets import FedData, build_data, check_dataset_files, prepare_dataset
 from .data.partition import partition_indices
 from .errors import UserError
@@ -68,6 +68,12 @@ def num_clients(cfg: Config, world: World) -> int:
     if world.single and cfg.comm.transport != "mpi":
         raise UserError(f"--transport {cfg.comm.transport} carries tensors between MPI ranks but this run has one "
                         f"process; launch with mpiexec -n 2 or more, or drop --transport")
+    if cfg.run.inject_fault:
+        ranks = 1 if world.single else world.size - 1
+        rank = parse_fault(cfg.run.inject_fault).rank
+        if rank > ranks:
+            raise UserError(f"--inject-fault rank {rank} is not a client rank of this run (1..{ranks}); "
+                            f"pick one of them")
     k = clients_per_round(n, cfg.fed.fraction)
     if cfg.comm.min_clients > k:
         raise UserError(f"--min-clients {cfg.comm.min_clients} exceeds the {k} clients selected per round "
@@ -97,6 +103,7 @@ def _new_run_dir(cfg: Config) -> Path:
 def _rank0_checks(cfg: Config, world: World) -> dict:
     """Checks that touch the file system once: weights, dataset files, run dir, checkpoint."""
     n = num_clients(cfg, world)
+    _server_device(cfg)  # a missing GPU is refused before anything is written or logged as started
     meta_vit = build_backbone(cfg.model, num_classes=2, meta=True)
     depth = len(meta_vit.blocks)
     if cfg.model.head_blocks + cfg.model.tail_blocks >= depth:

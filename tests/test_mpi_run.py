@@ -148,14 +148,18 @@ def test_wrong_shape_activation_is_rejected_and_the_round_goes_on_without_it(run
     assert "expected shape (B, " in events[0][2]
 
 
-def test_user_error_prints_one_line_once_and_exits_2(tmp_path):
+@pytest.mark.parametrize("ranks,flags,needles", [
+    (3, ["--clients", "1"], ["--clients 1", "2 client ranks"]),
+    (2, ["--inject-fault", "crash@rank:99,round:1"], ["rank 99 is not a client rank of this run (1..1)"]),
+])
+def test_user_error_prints_one_line_once_and_exits_2(tmp_path, ranks, flags, needles):
     run_dir = tmp_path / "never"
 
-    result = helpers.launch([*COMMON, "--clients", "1", "--run-dir", str(run_dir)], ranks=3)
+    result = helpers.launch([*COMMON, *flags, "--run-dir", str(run_dir)], ranks=ranks)
 
     assert result.returncode == 2, result.report()
     errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "--clients 1" in errors[0] and "2 client ranks" in errors[0], result.report()
+    assert len(errors) == 1 and all(n in errors[0] for n in needles), result.report()
     assert "Traceback" not in result.output, result.report()
     assert not run_dir.exists()
 
