@@ -127,9 +127,13 @@ class Config:
     fed: FedConfig = field(default_factory=FedConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    #: Names of the fields set explicitly (by the TOML file or a CLI flag; on --resume: by the flags
+    #: of the resuming command). Not a setting: never written to config.toml and never compared.
+    given: frozenset[str] = field(default=frozenset(), compare=False)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """{section: {key: value}} of the settings (``given`` is no setting)."""
+        return {section: dataclasses.asdict(getattr(self, section)) for section in _SECTION_CLASSES}
 
     def to_toml(self) -> str:
         """Serialise as TOML (sections of scalars only, so a tiny writer does)."""
@@ -142,9 +146,9 @@ class Config:
         return "\n".join(lines)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "fed": FedConfig,
                     "comm": CommConfig, "run": RunConfig}
+SECTIONS = {name: cls for name, cls in _SECTION_CLASSES.items()}
 
 
 def _toml_value(value: Any) -> str:
@@ -209,7 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m sfprompt_mpi.run",
         description="SFPrompt split federated fine-tuning. Under mpirun -n W rank 0 is the server "
                     "and ranks 1..W-1 host the clients; without a launcher everything runs in one process.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", default=None, help="TOML config file; CLI flags override it")
     for section, cls in _SECTION_CLASSES.items():
@@ -217,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
         for f in dataclasses.fields(cls):
             flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
             meta = f.metadata
-            kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{meta['help']} (default: {f.default!r})"}
+            # default None marks a flag as not given; the help states the real default (once)
+            text = meta["help"] if "(default: " in meta["help"] else f"{meta['help']} (default: {f.default!r})"
+            kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": text}
             if isinstance(f.default, bool):
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
@@ -229,16 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """Defaults, then the TOML file, then CLI flags; validated."""
+    """Defaults, then the TOML file, then CLI flags; validated. ``given``: the fields the last two set."""
     parser = build_parser()
     parser.error = _parser_error  # type: ignore[method-assign]
-    args = parser.parse_args(argv)
+    return build_config(file_and_flags(parser.parse_args(argv)))
+
+
+def file_and_flags(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}} of the ``--config`` file with the flags given in ``args`` on top."""
     values: dict[str, dict[str, Any]] = load_toml(args.config) if args.config else {}
+    values.update({s: {**values.get(s, {}), **kv} for s, kv in flags_given(args).items()})
+    return values
+
+
+def flags_given(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}} of the config flags given in ``args`` (a parsed :func:`build_parser`)."""
+    values: dict[str, dict[str, Any]] = {}
     for name, (section, _) in FIELDS.items():
-        value = getattr(args, name)
-        if value is not None:
-            values.setdefault(section, {})[name] = value
-    return build_config(values)
+        if getattr(args, name) is not None:
+            values.setdefault(section, {})[name] = getattr(args, name)
+    return values
 
 
 def _parser_error(message: str) -> None:
@@ -246,7 +261,7 @@ def _parser_error(message: str) -> None:
 
 
 def build_config(values: dict[str, dict[str, Any]] | None = None) -> Config:
-    """A validated Config from {section: {key: value}} overrides of the defaults."""
+    """A validated Config from {section: {key: value}} overrides of the defaults (its ``given``)."""
     values = values or {}
     sections = {}
     for section, cls in _SECTION_CLASSES.items():
@@ -255,7 +270,7 @@ def build_config(values: dict[str, dict[str, Any]] | None = None) -> Config:
             if key not in FIELDS or FIELDS[key][0] != section:
                 raise UserError(f"unknown config key {section}.{key}")
         sections[section] = cls(**given)
-    cfg = Config(**sections)
+    cfg = Config(**sections, given=frozenset(k for kv in values.values() for k in kv))
     validate(cfg)
     return cfg
 

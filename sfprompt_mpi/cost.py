@@ -30,7 +30,7 @@ import argparse
 import sys
 from typing import Any
 
-from .config import FIELDS, Config, build_config, build_parser, clients_per_round, load_toml
+from .config import Config, build_config, build_parser, clients_per_round, file_and_flags
 from .cli import main_guard
 from .errors import UserError
 from .output import write_json
@@ -60,11 +60,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     parser = build_cost_parser()
     parser.error = _parser_error  # type: ignore[method-assign]
     args = parser.parse_args(argv)
-    values: dict[str, dict[str, Any]] = load_toml(args.config) if args.config else {}
-    for name, (section, _) in FIELDS.items():
-        if getattr(args, name) is not None:
-            values.setdefault(section, {})[name] = getattr(args, name)
-    cfg = build_config(values)
+    cfg = build_config(file_and_flags(args))
     if args.samples_per_client < 0:
         raise UserError(f"--samples-per-client must be >= 0, got {args.samples_per_client}")
     if args.fedavg_epochs < 0:

@@ -18,11 +18,12 @@ import time
 
 _STARTED = time.monotonic()  # before anything heavy is imported
 
+import dataclasses
 import sys
 from pathlib import Path
 
 from .cli import Where, main_guard
-from .config import FIELDS, Config, build_parser, config_from_dict, load_toml, parse_config
+from .config import Config, build_parser, config_from_dict, flags_given, load_toml, parse_config
 from .errors import UserError
 from .world import detect_world, node_memory_check
 
@@ -37,12 +38,10 @@ def resolve_config(argv: list[str] | None) -> Config:
     if not saved.is_file():
         raise UserError(f"--resume {run_dir}: not a run directory (no config.toml)")
     values = load_toml(saved)
-    args = build_parser().parse_args(argv)
-    for name, (section, _) in FIELDS.items():
-        if getattr(args, name) is not None and name not in ("resume", "run_dir"):
-            values.setdefault(section, {})[name] = getattr(args, name)
+    for section, flags in flags_given(build_parser().parse_args(argv)).items():
+        values.setdefault(section, {}).update(flags)
     values.setdefault("run", {}).update(resume=str(run_dir), run_dir=str(run_dir))
-    return config_from_dict(values)
+    return dataclasses.replace(config_from_dict(values), given=cfg.given)
 
 
 def main(argv: list[str] | None = None, started: float | None = None) -> int:

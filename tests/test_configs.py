@@ -174,3 +174,41 @@ def test_config_reads_toml_without_tomllib(tmp_path):
     assert done.stdout.strip() == "3"
     setup = (Path(__file__).resolve().parents[1] / "setup.cfg").read_text()
     assert "python_requires = >=3.10" in setup and 'tomli>=1.1; python_version < "3.11"' in setup
+
+
+def test_help_prints_each_default_once_and_the_real_one():
+    from sfprompt_mpi.config import build_parser
+
+    text = " ".join(build_parser().format_help().split())  # argparse wraps lines
+
+    assert "(default: None)" not in text
+    assert text.count("(default: ") == len(FIELDS)
+    assert "federated rounds (default: 10)" in text and "client mini-batch size (default: 32)" in text
+
+
+def test_given_names_the_fields_set_by_file_or_flag(tmp_path):
+    from sfprompt_mpi.config import parse_config
+
+    toml = tmp_path / "a.toml"
+    toml.write_text("[fed]\nrounds = 3\nlr = 0.1\n[comm]\nwire_dtype = \"float32\"\n")
+
+    assert parse_config([]).given == frozenset()
+    cfg = parse_config(["--config", str(toml), "--rounds", "4", "--no-local-loss", "--seed", "0"])
+    assert cfg.given == {"rounds", "lr", "wire_dtype", "local_loss", "seed"}  # a default given is still given
+    assert cfg.fed.rounds == 4 and cfg.fed.lr == 0.1
+    assert cfg == parse_config(["--rounds", "4", "--lr", "0.1", "--no-local-loss"])  # not compared
+    assert "given" not in cfg.to_toml() and set(cfg.to_dict()) == {"model", "data", "fed", "comm", "run"}
+    assert build_config({"fed": {"rounds": 2}}).given == {"rounds"}
+
+
+def test_given_on_resume_is_what_the_resuming_command_sets(tmp_path):
+    from sfprompt_mpi.run import resolve_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text(build_config({"fed": {"rounds": 2, "lr": 0.1}}).to_toml())
+
+    cfg = resolve_config(["--resume", str(run_dir), "--rounds", "5"])
+
+    assert cfg.fed.rounds == 5 and cfg.fed.lr == 0.1 and cfg.run.run_dir == str(run_dir)
+    assert cfg.given == {"resume", "rounds"}
