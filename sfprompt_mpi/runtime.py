@@ -134,9 +134,9 @@ def run_job(cfg: Config, world: World, started: float | None = None) -> int:
     started = time.monotonic() if started is None else started
     threading.current_thread().name = f"r{world.rank:02d}"
     setup_logging(cfg, world.rank, None)
-    threads = set_threads(cfg, world)
     info = _bcast(world, _agree(world, lambda: _rank0_checks(cfg, world) if world.rank == 0 else None))
     n = info["clients"]
+    threads = set_threads(cfg, world, n)
     hosts = {1: list(range(n))} if world.single else client_hosts(n, world.size)
     if cfg.run.dry_run:
         if world.rank == 0:
@@ -169,7 +169,8 @@ def run_job(cfg: Config, world: World, started: float | None = None) -> int:
         world.comm.Barrier()
     node = world.node
     log.info("setup took %.1f s on %d rank(s) (imports, data, model, checks); rank 0's node: %d rank(s) on %d CPU(s), "
-             "%s", time.monotonic() - started, world.size, node.local_size, node.cpus, wait_policy(node))
+             "%d torch thread(s) each, %s", time.monotonic() - started, world.size, node.local_size, node.cpus,
+             threads, wait_policy(node))
     if world.single:
         run_reference(cfg, model, layout, data, hosts, run_dir, global_state, start, resume_round)
     else:

@@ -112,8 +112,23 @@ def setup_logging(cfg: Config, rank: int, log_dir: Path | None) -> None:
         root.addHandler(fh)
 
 
-def set_threads(cfg: Config, world: World) -> int:
+def torch_threads(cfg: Config, world: World, clients: int) -> int:
+    """Torch threads for this rank: ``--threads``, or by default this node's CPUs shared by its ranks.
+
+    The one-process reference run stands for the job with one rank per client
+    (``mpiexec -n clients+1``) and takes the threads one rank of that job would
+    get on this machine: results depend on the thread count (it splits the sums
+    of matrix products), so by default the two agree bitwise, and so does any
+    MPI run whose ranks come to the same count (ranks >= CPUs: one each)."""
+    if cfg.run.threads:
+        return cfg.run.threads
+    node = NodeLayout(0, clients + 1, world.node.cpus) if world.single else world.node
+    return node.threads_per_rank
+
+
+def set_threads(cfg: Config, world: World, clients: int) -> int:
+    """Give torch :func:`torch_threads` threads; -> that count."""
     import torch
-    threads = cfg.run.threads or world.node.threads_per_rank
+    threads = torch_threads(cfg, world, clients)
     torch.set_num_threads(threads)
     return threads
