@@ -23,7 +23,7 @@ class RunStopped(Exception):
     """The run cannot go on, through no bug and no user mistake: e.g. fewer
     clients than ``--min-clients`` survived a round and its retries.
 
-    ``run.py`` prints the message as one line (``[r00] stopped: ...``) and
+    ``cli.main_guard`` prints the message as one line (``[r00] stopped: ...``) and
     ends the job with exit code 3 (under MPI by aborting, so that no rank is
     left waiting). The completed rounds stay in the checkpoint and the HDF5
     files, so the run can be continued with ``--resume``.
