@@ -79,7 +79,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.mpi) if CASES[c][0] > 1 else c for c in CASES])
 def test_measured_bytes_are_conserved_and_equal_the_estimate(case, tmp_path):
     world, flags = CASES[case]
     if world > 1 and not MPIEXEC.exists():

@@ -38,6 +38,8 @@ from sfprompt_mpi.model.split import build_model
 
 import run_helpers as helpers  # tests/mpi, put on sys.path by tests/conftest.py
 
+pytestmark = pytest.mark.mpi
+
 COMMON = ["--clients", "4", "--rounds", "2", "--max-train-samples", "240", "--max-test-samples", "100",
           "--threads", "1", "--batch-size", "16", "--seed", "3"]
 OFF = ["--server-batch", "1"]

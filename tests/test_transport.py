@@ -114,6 +114,7 @@ def _launch(size: int, kind: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, result.returncode, result.output)
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("kind, size", [("mpi", 2), ("mpi", 3), ("gloo", 1), ("gloo", 2), ("gloo", 3)])
 def test_mpi_conformance(kind, size):
     result = _launch(size, kind)
