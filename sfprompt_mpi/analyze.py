@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import EXIT_USER_ERROR, UserError
+from .cli import main_guard
+from .errors import UserError
 from .metrics.h5 import read_attrs, read_events, read_metrics
 
 PHASES = ("local", "prune", "split", "wait", "upload")
@@ -355,27 +356,27 @@ def main(argv: list[str] | None = None) -> int:
                     "or a compare-... directory beside the runs when several are given)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = ap.parse_args(argv)
+    return main_guard(lambda _: _analyze(args), argv)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    runs = [load_run(p) for p in args.run_dirs]
+    if len({r.label for r in runs}) < len(runs):
+        for r in runs:
+            r.label = str(r.path)
+    data = [(r.label, round_rows(r)) for r in runs]
+    data = [(label, rows, summarize(run, rows)) for run, (label, rows) in zip(runs, data)]
+    print(format_table([s for _, _, s in data]))
+    out = args.out or _out_dir(runs)
     try:
-        runs = [load_run(p) for p in args.run_dirs]
-        if len({r.label for r in runs}) < len(runs):
-            for r in runs:
-                r.label = str(r.path)
-        data = [(r.label, round_rows(r)) for r in runs]
-        data = [(label, rows, summarize(run, rows)) for run, (label, rows) in zip(runs, data)]
-        print(format_table([s for _, _, s in data]))
-        out = args.out or _out_dir(runs)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            write_csv([row for _, rows, _ in data for row in rows], out / "rounds.csv")
-            (out / "summary.json").write_text(json.dumps(
-                _jsonable({"runs": [s for _, _, s in data]}), indent=2) + "\n")
-            plots = [] if args.no_plots else write_plots(data, out)
-        except OSError as e:
-            raise UserError(f"cannot write the analysis to {out} ({e.strerror or e}); "
-                            "choose another directory with --out") from e
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv([row for _, rows, _ in data for row in rows], out / "rounds.csv")
+        (out / "summary.json").write_text(json.dumps(
+            _jsonable({"runs": [s for _, _, s in data]}), indent=2) + "\n")
+        plots = [] if args.no_plots else write_plots(data, out)
+    except OSError as e:
+        raise UserError(f"cannot write the analysis to {out} ({e.strerror or e}); "
+                        "choose another directory with --out") from e
     print(f"wrote {out / 'rounds.csv'}, {out / 'summary.json'}"
           + "".join(f", {p.name}" for p in plots))
     return 0

@@ -9,7 +9,7 @@ Takes every flag of ``python -m sfprompt_mpi.run`` (and ``--config``). Needs no
 dataset files, no weights and no MPI: the model is built on the meta device.
 
 Communication: bytes per client per round, per message kind, exactly as the
-wire carries them (:mod:`sfprompt_mpi.metrics.accounting`, which a test holds
+wire carries them (:mod:`sfprompt_mpi.estimate`, which a test holds
 equal to what real runs measured). FedAvg full fine-tuning is priced on the
 same wire: every selected client downloads and uploads all backbone
 parameters as float32, one header each way. START messages (one header plus
@@ -31,8 +31,9 @@ import dataclasses
 import sys
 from typing import Any
 
-from .config import FIELDS, Config, build_config, build_parser, load_toml
-from .errors import EXIT_USER_ERROR, UserError
+from .config import Config, build_config, build_parser, clients_per_round, file_and_flags
+from .cli import main_guard
+from .errors import UserError
 from .output import write_json
 
 #: Clients when ``--clients`` is 0, as in a single-process run.
@@ -60,11 +61,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     parser = build_cost_parser()
     parser.error = _parser_error  # type: ignore[method-assign]
     args = parser.parse_args(argv)
-    values: dict[str, dict[str, Any]] = load_toml(args.config) if args.config else {}
-    for name, (section, _) in FIELDS.items():
-        if getattr(args, name) is not None:
-            values.setdefault(section, {})[name] = getattr(args, name)
-    cfg = build_config(values)
+    cfg = build_config(file_and_flags(args))
     if args.samples_per_client < 0:
         raise UserError(f"--samples-per-client must be >= 0, got {args.samples_per_client}")
     if args.fedavg_epochs < 0:
@@ -90,7 +87,7 @@ def nominal_dataset(cfg: Config) -> tuple[int, int]:
 
 def estimate(cfg: Config, samples_per_client: int = 0, fedavg_epochs: int = 0) -> dict[str, Any]:
     """All the numbers, as a JSON-ready dict (bytes and FLOPs are integers)."""
-    from .metrics import accounting as acc
+    from . import estimate as acc
     from .model.vit import build_backbone
 
     n_train, classes = nominal_dataset(cfg)
@@ -100,7 +97,7 @@ def estimate(cfg: Config, samples_per_client: int = 0, fedavg_epochs: int = 0) -
     if shard < 1:
         raise UserError(f"{clients} clients share {n_train} training samples: none per client; "
                         "lower --clients or pass --samples-per-client")
-    selected = max(1, round(cfg.fed.fraction * clients))
+    selected = clients_per_round(clients, cfg.fed.fraction)
     epochs = fedavg_epochs or max(1, cfg.fed.local_epochs)
 
     model, layout = acc.build_meta_model(cfg, classes)
@@ -160,7 +157,7 @@ def algorithm_costs(cfg: Config, shard: int, classes: int) -> dict[str, dict[str
     """Per ``--algo`` (every one, same model, data and epochs as ``cfg``): parameters
     exchanged, bytes per client per round, and client and server FLOPs per local sample."""
     from .config import ALGOS
-    from .metrics import accounting as acc
+    from . import estimate as acc
     from .model.vit import build_backbone
 
     full = build_backbone(cfg.model, classes, meta=True)
@@ -243,15 +240,15 @@ def _mb(n: int | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, args = parse_args(argv)
-        result = estimate(cfg, args.samples_per_client, args.fedavg_epochs)
-        print(render(result))
-        if args.json:
-            write_json(args.json, result, indent=2, sort_keys=True)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return main_guard(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    cfg, args = parse_args(argv)
+    result = estimate(cfg, args.samples_per_client, args.fedavg_epochs)
+    print(render(result))
+    if args.json:
+        write_json(args.json, result, indent=2, sort_keys=True)
     return 0
 
 

@@ -1,6 +1,6 @@
 """The one exception type for mistakes a user can cause.
 
-``run.py`` (and every other CLI entry point) catches :class:`UserError` once,
+Every CLI entry point catches :class:`UserError` once (``cli.main_guard``),
 prints its message as a single line and exits with code 2. Everything else is
 a bug or a fault and keeps its traceback.
 """
@@ -23,7 +23,7 @@ class RunStopped(Exception):
     """The run cannot go on, through no bug and no user mistake: e.g. fewer
     clients than ``--min-clients`` survived a round and its retries.
 
-    ``run.py`` prints the message as one line (``[r00] stopped: ...``) and
+    ``cli.main_guard`` prints the message as one line (``[r00] stopped: ...``) and
     ends the job with exit code 3 (under MPI by aborting, so that no rank is
     left waiting). The completed rounds stay in the checkpoint and the HDF5
     files, so the run can be continued with ``--resume``.

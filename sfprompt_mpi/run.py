@@ -18,94 +18,14 @@ import time
 
 _STARTED = time.monotonic()  # before anything heavy is imported
 
-import logging
-import os
+import dataclasses
 import sys
-import traceback
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from .config import Config, config_from_dict, load_toml, parse_config, build_parser, FIELDS
-from .errors import EXIT_RUN_STOPPED, EXIT_USER_ERROR, RunStopped, UserError
-from .node import NodeLayout, node_layout, single_process_layout
-
-log = logging.getLogger("sfprompt_mpi")
-
-#: Memory one rank needs at least with a small model: the imports of torch,
-#: torchvision and timm alone take about 0.41 GB of private memory per
-#: process (measured on CPU, torch 2.15); 51 ranks of the offline default
-#: peaked at 23.5 GB on a 24 GB node. See README, "Many ranks on one node".
-RANK_MEMORY_FLOOR_GB = 0.42
-
-_MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
-
-
-@dataclass
-class World:
-    """Where this process sits: MPI communicator (None in one process), rank, size, and its node."""
-
-    comm: Any
-    rank: int
-    size: int
-    node: NodeLayout
-
-    @property
-    def single(self) -> bool:
-        return self.comm is None or self.size == 1
-
-
-def detect_world() -> World:
-    """Initialise MPI only when a launcher started us; otherwise a one-process world."""
-    if not any(v in os.environ for v in _MPI_ENV):
-        tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
-        if "SLURM_STEP_ID" in os.environ and tasks > 1:
-            raise UserError(f"srun started {tasks} tasks but no MPI process manager is visible; "
-                            "launch with srun --mpi=pmi2 (or pmix) or with mpirun")
-        return World(None, 0, 1, single_process_layout())
-    from mpi4py import MPI
-    comm = MPI.COMM_WORLD
-    return World(comm, comm.Get_rank(), comm.Get_size(), node_layout(comm))
-
-
-def node_memory_check(world: World) -> None:
-    """Refuse, with one line, to start more ranks on a node than its memory can hold.
-
-    The floor per rank is RANK_MEMORY_FLOOR_GB, or $SFPROMPT_RANK_GB where set
-    (larger for big models, 0 to turn the check off). Runs before torch is imported, so a node that would run out of memory
-    during start-up fails in a second instead of being OOM-killed minutes in.
-    Each node's ranks compare the floor x their count with MemAvailable; the
-    verdict is agreed by all ranks so no rank waits for a failed one."""
-    error = None
-    if world.comm is not None and world.size > 1:
-        ranks_here, local_rank = world.node.local_size, world.node.local_rank
-        available = _mem_available_gb()
-        floor = float(os.environ.get("SFPROMPT_RANK_GB", RANK_MEMORY_FLOOR_GB))
-        need = ranks_here * floor
-        if local_rank == 0 and available is not None and need > available:
-            error = (f"{ranks_here} ranks on node {os.uname().nodename} need at least {need:.1f} GB "
-                     f"({floor:g} GB each, SFPROMPT_RANK_GB) but only {available:.1f} GB is available; launch fewer "
-                     f"ranks per node and give each several clients with --clients N (virtual clients)")
-        errors = [e for e in world.comm.allgather(error) if e]
-        if errors:
-            raise UserError(errors[0])
-
-
-def _mem_available_gb() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
-
-
-def client_hosts(num_clients: int, world_size: int) -> dict[int, list[int]]:
-    """Client ids hosted by each client rank: contiguous, as even as possible."""
-    ranks = max(1, world_size - 1)
-    return {1 + h: list(range(h * num_clients // ranks, (h + 1) * num_clients // ranks)) for h in range(ranks)}
+from .cli import Where, main_guard
+from .config import Config, build_parser, config_from_dict, flags_given, load_toml, parse_config
+from .errors import UserError
+from .world import detect_world, node_memory_check
 
 
 def resolve_config(argv: list[str] | None) -> Config:
@@ -118,75 +38,27 @@ def resolve_config(argv: list[str] | None) -> Config:
     if not saved.is_file():
         raise UserError(f"--resume {run_dir}: not a run directory (no config.toml)")
     values = load_toml(saved)
-    args = build_parser().parse_args(argv)
-    for name, (section, _) in FIELDS.items():
-        if getattr(args, name) is not None and name not in ("resume", "run_dir"):
-            values.setdefault(section, {})[name] = getattr(args, name)
+    for section, flags in flags_given(build_parser().parse_args(argv)).items():
+        values.setdefault(section, {}).update(flags)
     values.setdefault("run", {}).update(resume=str(run_dir), run_dir=str(run_dir))
-    return config_from_dict(values)
-
-
-def setup_logging(cfg: Config, rank: int, log_dir: Path | None) -> None:
-    level = cfg.run.log_level or ("INFO" if rank == 0 else "WARNING")
-    fmt = logging.Formatter(f"[r{rank:02d}] %(message)s")
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(logging.DEBUG)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(fmt)
-    console.setLevel(level)
-    root.addHandler(console)
-    if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_dir / f"rank{rank:05d}.log")
-        fh.setFormatter(logging.Formatter(f"%(asctime)s [r{rank:02d}] %(levelname)s %(name)s: %(message)s"))
-        fh.setLevel(min(logging.getLevelName(level), logging.INFO))
-        root.addHandler(fh)
-
-
-def set_threads(cfg: Config, world: World) -> int:
-    import torch
-    threads = cfg.run.threads or world.node.threads_per_rank
-    torch.set_num_threads(threads)
-    return threads
-
-
-def abort_job(rank: int, exc: BaseException, comm: Any) -> int:
-    """Print this rank's fault once, with its traceback, and abort the whole MPI job (exit code 1)."""
-    sys.stderr.write(f"[r{rank:02d}] failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-    sys.stderr.flush()
-    comm.Abort(1)
-    return 1
+    return dataclasses.replace(config_from_dict(values), given=cfg.given)
 
 
 def main(argv: list[str] | None = None, started: float | None = None, clock: Any = None) -> int:
     """``started``: time.monotonic() when the process began (for the "setup took" line);
     ``clock``: a :class:`~sfprompt_mpi.comm.wrappers.Clock` that times the transport (benchmarks)."""
     started = time.monotonic() if started is None else started
-    world = World(None, 0, 1, single_process_layout())
-    try:
+    where = Where(interrupts=True)
+
+    def job(argv: list[str] | None) -> int:
         world = detect_world()
+        where.rank, where.mpi = world.rank, not world.single
         cfg = resolve_config(argv)
         node_memory_check(world)
         from .runtime import run_job  # heavy imports (torch, timm) only after argument checks
         return run_job(cfg, world, started, clock)
-    except UserError as exc:
-        if world.rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except RunStopped as exc:  # e.g. too few clients survived a round: one line, no traceback
-        sys.stderr.write(f"[r{world.rank:02d}] stopped: {exc}\n")
-        sys.stderr.flush()
-        if not world.single:
-            world.comm.Abort(EXIT_RUN_STOPPED)  # a dropped rank may still be busy: end it too
-        return EXIT_RUN_STOPPED
-    except KeyboardInterrupt:
-        print(f"[r{world.rank:02d}] interrupted", file=sys.stderr)
-        return 130
-    except BaseException as exc:  # noqa: BLE001 - any fault must end the whole job
-        if world.single:
-            raise
-        return abort_job(world.rank, exc, world.comm)
+
+    return main_guard(job, argv, where)
 
 
 if __name__ == "__main__":

@@ -25,21 +25,21 @@ import torch
 from .comm.loopback import LoopbackHub
 from .comm.protocol import Transport
 from .comm.wrappers import Clock, wrap_transport
-from .config import Config, parse_fault
+from .config import Config, clients_per_round, parse_fault
 from .data.datasets import FedData, build_data, check_dataset_files, prepare_dataset
 from .data.partition import partition_indices
 from .errors import UserError
 from .fed.checkpoint import check_compatible, load_checkpoint
 from .fed.client import ClientHost
 from .fed.server import Server
+from .estimate import describe_plan
 from .fed.state import Layout
-from .metrics.accounting import describe_plan
 from .metrics.h5 import MetricsWriter, link_rank_files
 from .algorithms import build_algorithm
 from .model.split import apply_client_cut, freeze_except
 from .model.vit import build_backbone
 from .node import wait_policy
-from .run import World, client_hosts, set_threads, setup_logging
+from .world import World, client_hosts, set_threads, setup_logging
 
 log = logging.getLogger("sfprompt_mpi")
 
@@ -70,7 +70,13 @@ def num_clients(cfg: Config, world: World) -> int:
     if world.single and cfg.comm.transport != "mpi":
         raise UserError(f"--transport {cfg.comm.transport} carries tensors between MPI ranks but this run has one "
                         f"process; launch with mpiexec -n 2 or more, or drop --transport")
-    k = max(1, round(cfg.fed.fraction * n))
+    if cfg.run.inject_fault:
+        ranks = 1 if world.single else world.size - 1
+        rank = parse_fault(cfg.run.inject_fault).rank
+        if rank > ranks:
+            raise UserError(f"--inject-fault rank {rank} is not a client rank of this run (1..{ranks}); "
+                            f"pick one of them")
+    k = clients_per_round(n, cfg.fed.fraction)
     if cfg.comm.min_clients > k:
         raise UserError(f"--min-clients {cfg.comm.min_clients} exceeds the {k} clients selected per round "
                         f"({n} clients x --fraction {cfg.fed.fraction}); lower --min-clients")
@@ -99,6 +105,7 @@ def _new_run_dir(cfg: Config) -> Path:
 def _rank0_checks(cfg: Config, world: World) -> dict:
     """Checks that touch the file system once: weights, dataset files, run dir, checkpoint."""
     n = num_clients(cfg, world)
+    _server_device(cfg)  # a missing GPU is refused before anything is written or logged as started
     meta_vit = build_backbone(cfg.model, num_classes=2, meta=True)
     depth = len(meta_vit.blocks)
     if cfg.model.head_blocks + cfg.model.tail_blocks >= depth:
@@ -130,9 +137,9 @@ def run_job(cfg: Config, world: World, started: float | None = None, clock: Cloc
     started = time.monotonic() if started is None else started
     threading.current_thread().name = f"r{world.rank:02d}"
     setup_logging(cfg, world.rank, None)
-    threads = set_threads(cfg, world)
     info = _bcast(world, _agree(world, lambda: _rank0_checks(cfg, world) if world.rank == 0 else None))
     n = info["clients"]
+    threads = set_threads(cfg, world, n)
     hosts = {1: list(range(n))} if world.single else client_hosts(n, world.size)
     if cfg.run.dry_run:
         if world.rank == 0:
@@ -166,7 +173,8 @@ def run_job(cfg: Config, world: World, started: float | None = None, clock: Cloc
         world.comm.Barrier()
     node = world.node
     log.info("setup took %.1f s on %d rank(s) (imports, data, model, checks); rank 0's node: %d rank(s) on %d CPU(s), "
-             "%s", time.monotonic() - started, world.size, node.local_size, node.cpus, wait_policy(node))
+             "%d torch thread(s) each, %s", time.monotonic() - started, world.size, node.local_size, node.cpus,
+             threads, wait_policy(node))
     if world.single:
         run_reference(cfg, model, layout, data, hosts, run_dir, global_state, start, resume_round, clock=clock)
     else:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import ALGOS
-from .errors import EXIT_USER_ERROR, UserError
+from .cli import main_guard
+from .errors import UserError
 from .output import write_json
 
 
@@ -87,24 +88,24 @@ def render(rows: list[dict[str, Any]], rounds: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-        unknown = [a for a in algos if a not in ALGOS]
-        if unknown or not algos:
-            raise UserError(f"unknown algorithm {unknown[0] if unknown else '(none)'} in --algos "
-                            f"(known: {', '.join(ALGOS)})")
-        if args.rounds < 1:
-            raise UserError(f"--rounds must be >= 1, got {args.rounds}")
-        out = args.out or Path(f"runs/table-{time.strftime('%Y%m%d-%H%M%S')}")
-        rows = run_table(algos, args.rounds, out, list(args.run_flags),
-                         progress=lambda line: print(line, file=sys.stderr))
-        print(render(rows, args.rounds))
-        if args.json:
-            write_json(args.json, rows, indent=2)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return main_guard(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    unknown = [a for a in algos if a not in ALGOS]
+    if unknown or not algos:
+        raise UserError(f"unknown algorithm {unknown[0] if unknown else '(none)'} in --algos "
+                        f"(known: {', '.join(ALGOS)})")
+    if args.rounds < 1:
+        raise UserError(f"--rounds must be >= 1, got {args.rounds}")
+    out = args.out or Path(f"runs/table-{time.strftime('%Y%m%d-%H%M%S')}")
+    rows = run_table(algos, args.rounds, out, list(args.run_flags),
+                     progress=lambda line: print(line, file=sys.stderr))
+    print(render(rows, args.rounds))
+    if args.json:
+        write_json(args.json, rows, indent=2)
     return 0
 
 

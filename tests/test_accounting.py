@@ -3,7 +3,7 @@ between server and clients, and equals the estimate from the config alone.
 
 Each case runs a real tiny job (single-process reference run, or 3 ranks under
 ``mpiexec``), then recomputes the round's bytes with
-:func:`sfprompt_mpi.metrics.accounting.round_bytes` from the run's saved config,
+:func:`sfprompt_mpi.estimate.round_bytes` from the run's saved config,
 the real shard sizes (same partition function and labels as the run), the
 hosts mapping and the clients selected in each round. Estimate and
 measurement must agree exactly, per round and per message kind.
@@ -21,10 +21,10 @@ from sfprompt_mpi.config import config_from_dict, load_toml
 from sfprompt_mpi.data.datasets import build_data
 from sfprompt_mpi.data.partition import partition_indices
 from sfprompt_mpi.fed.server import select_clients
-from sfprompt_mpi.metrics.accounting import build_meta_model, client_round_bytes, needs_grad, round_bytes
+from sfprompt_mpi.estimate import build_meta_model, client_round_bytes, needs_grad, round_bytes
 from sfprompt_mpi.metrics.h5 import rank_file, read_metrics
 from sfprompt_mpi.model.vit import model_depth_and_size
-from sfprompt_mpi.run import client_hosts
+from sfprompt_mpi.world import client_hosts
 from run_helpers import run_bounded  # tests/mpi, on sys.path via tests/conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.mpi) if CASES[c][0] > 1 else c for c in CASES])
 def test_measured_bytes_are_conserved_and_equal_the_estimate(case, tmp_path):
     world, flags = CASES[case]
     if world > 1 and not MPIEXEC.exists():

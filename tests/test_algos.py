@@ -46,6 +46,7 @@ def both(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return base / "single", base / "mpi"
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("algo", ALGOS)
 def test_every_algorithm_gives_the_same_parameters_in_one_process_and_on_3_ranks(both, algo):
     single, mpi = (load_file(str(b / algo / "checkpoint" / "global.safetensors")) for b in both)
@@ -58,6 +59,7 @@ def test_every_algorithm_gives_the_same_parameters_in_one_process_and_on_3_ranks
     assert all((both[1] / algo / "metrics" / f"rank{r:05d}.h5").is_file() for r in range(3))
 
 
+@pytest.mark.mpi
 def test_fl_full_moves_exactly_every_parameter_each_way_per_client_and_round(both):
     cfg = parse_config(FLAGS + ["--algo", "fl-full"])
     model = build_algorithm(cfg).build_model(10, meta=True)
@@ -120,6 +122,7 @@ def test_adapters_start_as_the_identity_and_keep_timm_names():
     assert all(".adapter." in n or n.startswith("vit.head.") for n in trainable_names(adapted, cfg))
 
 
+@pytest.mark.slow
 def test_cost_accounting_covers_every_algorithm():
     cfg = build_config({})
     rows = algorithm_costs(cfg, shard=100, classes=10)
@@ -130,6 +133,7 @@ def test_cost_accounting_covers_every_algorithm():
     assert rows["sfl-linear"]["bytes_per_client_round"] > rows["fl-linear"]["bytes_per_client_round"]
 
 
+@pytest.mark.slow
 def test_table_runs_each_algorithm_and_the_two_linear_probes_agree(tmp_path, capsys):
     from sfprompt_mpi.table import main
 

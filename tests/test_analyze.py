@@ -150,7 +150,7 @@ def test_comparison_plots(tmp_path):
 def test_nonfinite_values_are_flagged(tmp_path, capsys):
     run = make_run(tmp_path / "nan", accs=(0.3, float("nan"), 0.6))
 
-    analyze.main([str(run), "--no-plots"])
+    assert analyze.main([str(run), "--no-plots"]) == 0
     summary = json.loads((run / "analysis" / "summary.json").read_text())["runs"][0]
 
     assert "r0:test_acc" in summary["nonfinite"]
@@ -162,7 +162,7 @@ def test_nonfinite_values_are_flagged(tmp_path, capsys):
 def test_sparse_evaluation_counts_every_round(tmp_path):
     run = make_run(tmp_path / "sparse", eval_every=2)
 
-    analyze.main([str(run), "--no-plots"])
+    assert analyze.main([str(run), "--no-plots"]) == 0
     summary = json.loads((run / "analysis" / "summary.json").read_text())["runs"][0]
 
     assert summary["rounds_completed"] == 3

@@ -92,6 +92,7 @@ def test_round_clock_splits_each_round_into_its_parts():
 # ------------------------------------------------------------------ suites
 
 
+@pytest.mark.mpi
 def test_transport_suite(tmp_path):
     result = run_suite(tmp_path, "transport", "--max-size", "256K", "--trials", "1", "--target", "1M")
 
@@ -102,6 +103,7 @@ def test_transport_suite(tmp_path):
     assert result["value"] == pytest.approx(min(r["ratio"] for r in result["rows"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_server_suite(tmp_path, dtype):
     result = run_suite(tmp_path, "server", "--clients", "3", "--server-batch", "2", "--batch-size", "8",
@@ -116,6 +118,7 @@ def test_server_suite(tmp_path, dtype):
     assert f"{dtype} compute" in result["notes"][0]
 
 
+@pytest.mark.mpi
 def test_round_suite(tmp_path):
     result = run_suite(tmp_path, "round", "--rounds", "2", "--", *TINY_RUN)
 
@@ -128,6 +131,7 @@ def test_round_suite(tmp_path):
     assert result["same_params"] is True
 
 
+@pytest.mark.mpi
 def test_scale_suite(tmp_path):
     result = run_suite(tmp_path, "scale", "--clients", "4,8", "--samples-per-client", "4", "--rounds", "1")
 
@@ -138,6 +142,7 @@ def test_scale_suite(tmp_path):
     assert math.isfinite(result["server_mem_ratio"])
 
 
+@pytest.mark.mpi
 def test_wire_suite(tmp_path):
     result = run_suite(tmp_path, "wire", "--dtypes", "float32,bfloat16", "--",
                        "--rounds", "1", "--clients", "2", *TINY_RUN)

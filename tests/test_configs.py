@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sfprompt_mpi.config import Config, build_config, load_toml
+from sfprompt_mpi.config import FIELDS, WIRE_DTYPES, Config, build_config, clients_per_round, load_toml
+from sfprompt_mpi.fed.server import select_clients
 from sfprompt_mpi.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -126,3 +127,88 @@ def test_out_of_range_value_is_named(tmp_path):
     path.write_text('[fed]\nrounds = 0\n')
     with pytest.raises(UserError, match=r"fed\.rounds"):
         build_config(load_toml(path))
+
+
+@pytest.mark.parametrize("name", [n for n, (_, f) in FIELDS.items() if f.metadata["choices"]])
+def test_every_choice_field_refuses_a_value_outside_its_choices(name):
+    section, f = FIELDS[name]
+    with pytest.raises(UserError, match=rf"^{section}\.{name} must be one of .*, got 'nonsense'$"):
+        build_config({section: {name: "nonsense"}})
+    for choice in f.metadata["choices"]:
+        build_config({section: {name: choice}})
+
+
+def test_clients_per_round_is_the_one_formula():
+    assert [clients_per_round(n, f) for n, f in [(10, 1.0), (10, 0.25), (10, 0.01), (3, 0.5), (5, 0.5)]] == \
+        [10, 2, 1, 2, 2]
+    assert select_clients(10, 0.25, seed=0, rnd=1) == sorted(select_clients(10, 0.25, seed=0, rnd=1))
+    assert len(select_clients(10, 0.25, seed=0, rnd=1)) == clients_per_round(10, 0.25)
+
+
+def test_wire_bytes_follow_the_wire_dtype_names():
+    import torch
+
+    from sfprompt_mpi.estimate import WIRE_BYTES
+    assert WIRE_BYTES == {n: torch.empty(0, dtype=getattr(torch, n)).element_size() for n in WIRE_DTYPES}
+    assert FIELDS["wire_dtype"][1].metadata["choices"] == WIRE_DTYPES
+
+
+def test_config_reads_toml_without_tomllib(tmp_path):
+    """Python 3.10 has no tomllib: config falls back to tomli, which setup.cfg installs there."""
+    import subprocess
+    import sys
+
+    (tmp_path / "a.toml").write_text("[fed]\nrounds = 3\n")
+    script = (
+        "import sys, tomllib\n"
+        "sys.modules['tomli'] = tomllib  # stands in for the PyPI package of the same parser\n"
+        "del sys.modules['tomllib']\n"
+        "class NoTomllib:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'tomllib': raise ModuleNotFoundError(\"No module named 'tomllib'\", name=name)\n"
+        "sys.meta_path.insert(0, NoTomllib())\n"
+        "from sfprompt_mpi.config import build_config, load_toml\n"
+        f"print(build_config(load_toml({str(tmp_path / 'a.toml')!r})).fed.rounds)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "3"
+    setup = (Path(__file__).resolve().parents[1] / "setup.cfg").read_text()
+    assert "python_requires = >=3.10" in setup and 'tomli>=1.1; python_version < "3.11"' in setup
+
+
+def test_help_prints_each_default_once_and_the_real_one():
+    from sfprompt_mpi.config import build_parser
+
+    text = " ".join(build_parser().format_help().split())  # argparse wraps lines
+
+    assert "(default: None)" not in text
+    assert text.count("(default: ") == len(FIELDS)
+    assert "federated rounds (default: 10)" in text and "client mini-batch size (default: 32)" in text
+
+
+def test_given_names_the_fields_set_by_file_or_flag(tmp_path):
+    from sfprompt_mpi.config import parse_config
+
+    toml = tmp_path / "a.toml"
+    toml.write_text("[fed]\nrounds = 3\nlr = 0.1\n[comm]\nwire_dtype = \"float32\"\n")
+
+    assert parse_config([]).given == frozenset()
+    cfg = parse_config(["--config", str(toml), "--rounds", "4", "--no-local-loss", "--seed", "0"])
+    assert cfg.given == {"rounds", "lr", "wire_dtype", "local_loss", "seed"}  # a default given is still given
+    assert cfg.fed.rounds == 4 and cfg.fed.lr == 0.1
+    assert cfg == parse_config(["--rounds", "4", "--lr", "0.1", "--no-local-loss"])  # not compared
+    assert "given" not in cfg.to_toml() and set(cfg.to_dict()) == {"model", "data", "fed", "comm", "run"}
+    assert build_config({"fed": {"rounds": 2}}).given == {"rounds"}
+
+
+def test_given_on_resume_is_what_the_resuming_command_sets(tmp_path):
+    from sfprompt_mpi.run import resolve_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text(build_config({"fed": {"rounds": 2, "lr": 0.1}}).to_toml())
+
+    cfg = resolve_config(["--resume", str(run_dir), "--rounds", "5"])
+
+    assert cfg.fed.rounds == 5 and cfg.fed.lr == 0.1 and cfg.run.run_dir == str(run_dir)
+    assert cfg.given == {"resume", "rounds"}

@@ -22,6 +22,7 @@ def _cost(argv: list[str], tmp_path, capsys) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_small_model_report_and_json(tmp_path, capsys):
     out = tmp_path / "cost.json"
 
@@ -37,6 +38,7 @@ def test_small_model_report_and_json(tmp_path, capsys):
                                             / r["bytes_per_client_round"]["fedavg_full"]["total"])
 
 
+@pytest.mark.slow
 def test_round_totals_multiply_out_the_per_sample_passes(tmp_path, capsys):
     r = _cost(["--samples-per-client", "100", "--keep-ratio", "0.3", "--local-epochs", "2", "--split-epochs", "3",
                "--fedavg-epochs", "2"], tmp_path, capsys)
@@ -50,6 +52,7 @@ def test_round_totals_multiply_out_the_per_sample_passes(tmp_path, capsys):
     assert c["fedavg_full_client"] == 2 * 100 * (f["full_fwd"] + f["full_bwd"])
 
 
+@pytest.mark.slow
 def test_flops_follow_the_cut_without_prompts(tmp_path, capsys):
     # Without prompts the parts are exactly the backbone cut in three, so forward FLOPs add up.
     r = _cost(["--prompt-len", "0", "--keep-ratio", "1.0"], tmp_path, capsys)
@@ -62,6 +65,7 @@ def test_flops_follow_the_cut_without_prompts(tmp_path, capsys):
     assert set(r["bytes_per_client_round"]["sfprompt"]["up"]) == {"acts", "update"}
 
 
+@pytest.mark.slow
 def test_vit_base_on_meta_device_saves_client_compute_and_communication(tmp_path, capsys):
     # 200 samples per client: below the ~490-sample break-even of this cut at float32 and keep 0.5.
     vitb = _cost([*VITB, "--samples-per-client", "200"], tmp_path, capsys)
@@ -77,6 +81,7 @@ def test_vit_base_on_meta_device_saves_client_compute_and_communication(tmp_path
     assert vitb["params"]["fedavg_exchanged"] == pytest.approx(85.8e6, rel=0.01)
 
 
+@pytest.mark.slow
 def test_bfloat16_wire_halves_activation_bytes(tmp_path, capsys):
     f32 = _cost(["--samples-per-client", "64"], tmp_path, capsys)
     bf16 = _cost(["--samples-per-client", "64", "--wire-dtype", "bfloat16"], tmp_path, capsys)
@@ -102,6 +107,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, words, capsys):
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and words in err
 
 
+@pytest.mark.slow
 def test_json_goes_to_stdout_for_dash_and_an_unwritable_path_is_one_line(tmp_path, capsys):
     assert main(["--json", "-"]) == 0
     printed = capsys.readouterr().out

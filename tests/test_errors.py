@@ -51,6 +51,13 @@ def _fails_with_one_line(capsys, argv: list[str], needle: str) -> str:
     (["--dp-delta", "1.5"], "dp_delta must be in (0, 1)"),
     (["--inject-fault", "hang@rank:1"], "must look like KIND@rank:R,round:K"),
     (["--inject-fault", "melt@rank:1,round:1"], "kind 'melt' is not one of"),
+    (["--inject-fault", "crash@rank:2,round:1"], "rank 2 is not a client rank of this run (1..1)"),
+    (["--inject-fault", "crash@rank:1,round:11"], "round 11 is not a round of this run (1..10)"),
+    (["--inject-fault", "crash@rank:1,round:0"], "round 0 is not a round of this run (1..10)"),
+    # seeds: numpy's SeedSequence wants >= 0, TOML and torch 64 bits
+    (["--seed", "-1"], "run.seed must be in [0, 2**63 - 1]"),
+    (["--seed", str(2**63)], "run.seed must be in [0, 2**63 - 1]"),
+    (["--seed", str(2**64)], "run.seed must be in [0, 2**63 - 1]"),
     # a transport between ranks in a one-process run
     (["--transport", "gloo"], "--transport gloo carries tensors between MPI ranks but this run has one process"),
 ])
@@ -150,3 +157,38 @@ def test_unreadable_or_missing_checkpoint_is_refused(capsys, tmp_path) -> None:
     _fails_with_one_line(capsys, ["--resume", str(run_dir), "--rounds", "2"], "corrupt")
     (run_dir / "checkpoint" / "global.safetensors").unlink()
     _fails_with_one_line(capsys, ["--resume", str(run_dir), "--rounds", "2"], "no checkpoint")
+
+
+def test_main_guard_turns_user_errors_and_stops_into_exit_codes(capsys):
+    from sfprompt_mpi.cli import Where, main_guard
+    from sfprompt_mpi.errors import RunStopped
+
+    def fails(exc):
+        def work(argv):
+            raise exc
+        return work
+
+    assert main_guard(lambda argv: 0, []) == 0
+    assert main_guard(fails(UserError("bad --x")), []) == 2
+    assert capsys.readouterr().err == "error: bad --x\n"
+    assert main_guard(fails(UserError("bad --x")), [], Where(rank=1)) == 2
+    assert capsys.readouterr().err == ""  # only rank 0 speaks
+    assert main_guard(fails(RunStopped("2 of 4 clients left")), [], Where(rank=0)) == 3
+    assert capsys.readouterr().err == "[r00] stopped: 2 of 4 clients left\n"
+    assert main_guard(fails(KeyboardInterrupt()), [], Where(interrupts=True)) == 130
+    with pytest.raises(KeyboardInterrupt):
+        main_guard(fails(KeyboardInterrupt()), [])
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback outside MPI
+        main_guard(fails(ZeroDivisionError()), [])
+
+
+def test_missing_cuda_is_refused_before_anything_is_written_or_started(capsys, tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run_dir = tmp_path / "run"
+
+    code = main(TINY + ["--server-device", "cuda", "--run-dir", str(run_dir)])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "no CUDA device" in err[0], err
+    assert not run_dir.exists()

@@ -131,6 +131,7 @@ def test_dp_fedavg_clips_averages_over_k_and_adds_seeded_noise():
     assert float((noisy - quiet).double().std()) == pytest.approx(2.0 * 1.0 / 4, rel=0.02)
 
 
+@pytest.mark.slow
 def test_dp_epsilon_is_opacus_rdp_accountant_stepped_per_round():
     from opacus.accountants import RDPAccountant
 
@@ -142,6 +143,7 @@ def test_dp_epsilon_is_opacus_rdp_accountant_stepped_per_round():
     assert dp_epsilon(0, noise=1.0, sample_rate=0.5, delta=1e-5) == 0.0
 
 
+@pytest.mark.slow
 def test_dp_run_records_epsilon_per_round_and_resumes_to_the_same_parameters(tmp_path):
     flags = COMMON + ["--dp-clip", "0.5", "--dp-noise", "1.0", "--fraction", "0.5", "--dp-delta", "1e-4"]
     whole, part = tmp_path / "whole", tmp_path / "part"
@@ -252,6 +254,7 @@ def test_server_refuses_every_malformed_message_with_a_reason(server):
 # ------------------------------------------------ poisoned updates (reference run)
 
 
+@pytest.mark.slow
 def test_huge_norm_client_wrecks_fedavg_but_not_norm_clip_or_median(tmp_path):
     # Prepare: 4 clean rounds once; then round 5 four ways from the same checkpoint.
     clean = tmp_path / "clean"
@@ -279,6 +282,7 @@ def test_huge_norm_client_wrecks_fedavg_but_not_norm_clip_or_median(tmp_path):
 # --------------------------------------------------------- stragglers (mpiexec)
 
 
+@pytest.mark.mpi
 def test_hung_client_rank_is_dropped_late_messages_discarded_and_the_run_completes(tmp_path):
     run_dir = tmp_path / "hang"
 
@@ -303,6 +307,7 @@ def test_hung_client_rank_is_dropped_late_messages_discarded_and_the_run_complet
     assert all(bool(torch.isfinite(t).all()) for t in _params(run_dir).values())
 
 
+@pytest.mark.mpi
 def test_too_few_survivors_stop_the_run_with_one_line_after_the_retries(tmp_path):
     run_dir = tmp_path / "stop"
 
@@ -358,6 +363,7 @@ def _checkpoint_round(run_dir: Path) -> int:
         return 0
 
 
+@pytest.mark.mpi
 def test_kill_9_of_a_client_rank_ends_the_job_and_resume_ends_like_an_uninterrupted_run(tmp_path):
     rounds, run_dir, whole = 5, tmp_path / "killed", tmp_path / "whole"
     cmd = [str(helpers.MPIEXEC), "-n", "3", sys.executable, "-m", "sfprompt_mpi.run", *COMMON,

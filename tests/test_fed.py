@@ -224,6 +224,7 @@ def test_bfloat16_server_body_runs_the_body_in_bfloat16_and_stays_close(tmp_path
 
 
 # -- whole runs -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_default_job_learns_digits_far_above_chance(tmp_path) -> None:
     # The offline default (digits, micro ViT from random weights, 4 clients, 10 rounds).
     # Chance is 0.10; this seed reaches ~0.73 here. We hold 0.5.
@@ -234,6 +235,7 @@ def test_default_job_learns_digits_far_above_chance(tmp_path) -> None:
     assert acc[-1] >= 0.5, acc
 
 
+@pytest.mark.slow
 def test_resume_after_round_k_ends_where_an_uninterrupted_run_ends(tmp_path) -> None:
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert main(TINY + ["--run-dir", str(whole), "--rounds", "4"]) == 0

@@ -38,9 +38,12 @@ from sfprompt_mpi.model.split import build_model
 
 import run_helpers as helpers  # tests/mpi, put on sys.path by tests/conftest.py
 
+pytestmark = pytest.mark.mpi
+
 COMMON = ["--clients", "4", "--rounds", "2", "--max-train-samples", "240", "--max-test-samples", "100",
           "--threads", "1", "--batch-size", "16", "--seed", "3"]
 OFF = ["--server-batch", "1"]
+DEFAULT_THREADS = [a for a in COMMON if a not in ("--threads", "1")]
 DIGITS_CLASSES = 10
 WRONG_SHAPE = "wrong-shape@rank:2,round:1"   # rank 2 hosts clients 2 and 3 of 4; client 2 is hit
 
@@ -52,6 +55,9 @@ RUNS = {
     "batched": (5, COMMON + ["--server-batch", "4"], None),
     "wrong_shape": (3, COMMON + OFF + ["--inject-fault", WRONG_SHAPE], None),
     "without_client2_round1": (None, COMMON + OFF, [str(Path(helpers.__file__)), "--without", "1:2"]),
+    # the thread count left to the defaults, as a user first meets the contract
+    "default_threads_reference": (None, DEFAULT_THREADS + OFF, None),
+    "default_threads_mpi": (3, DEFAULT_THREADS + OFF, None),
 }
 
 
@@ -110,7 +116,25 @@ def test_mpi_run_equals_reference_run_bitwise(runs):
     np.testing.assert_array_equal(_series(run_dir, "test_acc"), _series(runs.get("reference")[0], "test_acc"))
     cpus = len(os.sched_getaffinity(0))
     policy = "nap after 1 ms" if 3 > cpus else "spin up to 200 ms"
-    assert f"rank 0's node: 3 rank(s) on {cpus} CPU(s), waiting ranks {policy}" in runs.get("mpi")[1].output
+    assert f"rank 0's node: 3 rank(s) on {cpus} CPU(s), 1 torch thread(s) each, waiting ranks {policy}" \
+        in runs.get("mpi")[1].output
+
+
+def test_default_threads_reference_equals_mpi_run_when_their_thread_counts_match(runs):
+    """The contract's condition: equal torch threads per rank. By default the reference run takes what a rank
+    of ``mpiexec -n clients+1`` gets on this node; 3 ranks get cpus // 3 each (at least 1)."""
+    cpus = len(os.sched_getaffinity(0))
+    threads_reference, threads_mpi = max(1, cpus // 5), max(1, cpus // 3)
+
+    reference, mpi = runs.params("default_threads_reference"), runs.params("default_threads_mpi")
+
+    assert f"{threads_reference} torch thread(s) each" in runs.get("default_threads_reference")[1].output
+    assert f"{threads_mpi} torch thread(s) each" in runs.get("default_threads_mpi")[1].output
+    if threads_reference == threads_mpi:  # e.g. up to 5 CPUs: one thread each
+        _assert_bitwise(mpi, reference, "default threads: 3 ranks vs the reference run")
+    else:  # other splits of the same sums: close, not bitwise
+        for name in reference:
+            torch.testing.assert_close(mpi[name], reference[name], rtol=0, atol=1e-2, msg=lambda m: f"{name}: {m}")
 
 
 def test_gloo_transport_equals_mpi_transport_bitwise(runs):
@@ -148,14 +172,18 @@ def test_wrong_shape_activation_is_rejected_and_the_round_goes_on_without_it(run
     assert "expected shape (B, " in events[0][2]
 
 
-def test_user_error_prints_one_line_once_and_exits_2(tmp_path):
+@pytest.mark.parametrize("ranks,flags,needles", [
+    (3, ["--clients", "1"], ["--clients 1", "2 client ranks"]),
+    (2, ["--inject-fault", "crash@rank:99,round:1"], ["rank 99 is not a client rank of this run (1..1)"]),
+])
+def test_user_error_prints_one_line_once_and_exits_2(tmp_path, ranks, flags, needles):
     run_dir = tmp_path / "never"
 
-    result = helpers.launch([*COMMON, "--clients", "1", "--run-dir", str(run_dir)], ranks=3)
+    result = helpers.launch([*COMMON, *flags, "--run-dir", str(run_dir)], ranks=ranks)
 
     assert result.returncode == 2, result.report()
     errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "--clients 1" in errors[0] and "2 client ranks" in errors[0], result.report()
+    assert len(errors) == 1 and all(n in errors[0] for n in needles), result.report()
     assert "Traceback" not in result.output, result.report()
     assert not run_dir.exists()
 

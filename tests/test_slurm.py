@@ -101,6 +101,7 @@ def test_array_sweep_lists_its_tasks_outside_slurm():
 
 # --- the scripts as written are accepted by Slurm ----------------------------
 
+@pytest.mark.slurm
 @pytest.mark.parametrize("script", [p.name for p in SCRIPTS])
 def test_default_shape_is_accepted(cluster, tmp_path, script):
     # Prepare: a 2 x 16-CPU cluster, each node with one GPU. Execute: sbatch --test-only.
@@ -123,6 +124,7 @@ DRY_RUNS = {
 }
 
 
+@pytest.mark.slurm
 @pytest.mark.parametrize("case", list(DRY_RUNS))
 def test_dry_run_through_slurm(cluster, tmp_path, case):
     # Prepare
@@ -145,6 +147,7 @@ def test_dry_run_through_slurm(cluster, tmp_path, case):
         assert "on digits" in text and "dirichlet" in text
 
 
+@pytest.mark.slurm
 def test_srun_without_pmi_fails_with_one_line(cluster, tmp_path):
     # Prepare: srun --mpi=none starts the ranks with no process manager to join them.
     env = job_env(EXTRA_ARGS=DRY, SRUN_MPI="none")
@@ -160,6 +163,7 @@ def test_srun_without_pmi_fails_with_one_line(cluster, tmp_path):
 
 # --- a real (tiny) training run ----------------------------------------------
 
+@pytest.mark.slurm
 def test_single_node_trains_and_writes_run_dir(cluster, tmp_path):
     # Prepare: 1 server + 2 client ranks, server on CPU, one short round.
     env = job_env(EXTRA_ARGS="--server-device cpu --rounds 1 --max-train-samples 200 --max-test-samples 100")

@@ -240,6 +240,21 @@ def test_node_layout_says_when_ranks_outnumber_cpus():
     assert single_process_layout() == NodeLayout(0, 1, len(my_cpus()))
 
 
+def test_reference_run_takes_the_threads_of_a_rank_of_the_one_rank_per_client_job():
+    from sfprompt_mpi.config import build_config
+    from sfprompt_mpi.node import NodeLayout
+    from sfprompt_mpi.world import World, torch_threads
+
+    default, four = build_config(), build_config({"run": {"threads": 4}})
+    one_process = World(None, 0, 1, NodeLayout(0, 1, 16))
+    rank_of_5 = World(object(), 2, 5, NodeLayout(2, 5, 16))
+
+    assert torch_threads(default, one_process, clients=4) == 3 == torch_threads(default, rank_of_5, clients=4)
+    assert torch_threads(default, World(None, 0, 1, NodeLayout(0, 1, 2)), clients=4) == 1  # a laptop: one each
+    assert torch_threads(default, one_process, clients=100) == 1
+    assert torch_threads(four, one_process, clients=4) == 4 == torch_threads(four, rank_of_5, clients=4)
+
+
 def _conformance_module():
     spec = importlib.util.spec_from_file_location("transport_conformance", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -261,6 +276,7 @@ def _launch(size: int, kind: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, result.returncode, result.output)
 
 
+@pytest.mark.mpi
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL needs a visible GPU")
 def test_nccl_conformance():
     size = min(torch.cuda.device_count(), 3)  # one GPU per rank
@@ -271,6 +287,7 @@ def test_nccl_conformance():
     assert f"CONFORMANCE PASSED nccl size={size}" in result.stdout, result.stdout
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("kind, size", [("mpi", 2), ("mpi", 3), ("gloo", 1), ("gloo", 2), ("gloo", 3)])
 def test_mpi_conformance(kind, size):
     result = _launch(size, kind)

@@ -13,7 +13,8 @@ import argparse
 import os
 import sys
 
-from ..errors import EXIT_USER_ERROR, UserError
+from ..cli import Where, main_guard
+from ..errors import UserError
 
 SUITES = {
     "transport": "tensor send/receive vs raw mpi4py Send/Recv, 4 KB to 64 MB (2 ranks)",
@@ -59,8 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_job"]:
         from .job import job_main
         return job_main(argv[1:])
-    from .common import emit, mpiexec_cmd, run_bounded, under_mpi
+    from .common import under_mpi
     rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) or 0)
+    return main_guard(_main, argv, Where(rank=rank, mpi=under_mpi()))
+
+
+def _main(argv: list[str]) -> int:
+    from .common import emit, mpiexec_cmd, run_bounded, under_mpi
     try:
         args = _parse(argv)
         if args.suite == "transport":
@@ -81,19 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         if report is not None:
             emit(report, argv, args.json)
         return 0
-    except UserError as exc:
-        if rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
-    except BaseException as exc:  # noqa: BLE001 - under MPI one failed rank must end the others
-        if not under_mpi():
-            raise
-        from mpi4py import MPI
-
-        from ..run import abort_job
-        return abort_job(rank, exc, MPI.COMM_WORLD)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision import datasets as tvd
 from torchvision import transforms as T
 
-from ..config import DataConfig
+from ..config import DATASETS, DataConfig
 from ..errors import UserError
 
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -223,6 +223,8 @@ _FILE_DATASETS: dict[str, _FileSpec] = {
 }
 
 OFFLINE_DATASETS = ("digits", "synthetic")
+if set(DATASETS) != {*OFFLINE_DATASETS, *_FILE_DATASETS}:
+    raise RuntimeError("config.DATASETS and the dataset table disagree")
 
 
 def prepare_dataset(cfg: DataConfig) -> None:
@@ -398,8 +400,7 @@ def _synthetic(num_train: int, num_classes: int, image_size: int, seed: int) -> 
 
 
 def _unknown(name: str) -> UserError:
-    known = ", ".join((*OFFLINE_DATASETS, *_FILE_DATASETS))
-    return UserError(f"unknown dataset {name!r} (known: {known})")
+    return UserError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from ..algorithms import build_algorithm
 from ..algorithms.base import Algorithm
 from ..comm.protocol import Kind, Transport, wire_dtype
-from ..config import Config
+from ..config import Config, clients_per_round
 from ..errors import RunStopped
 from ..model.split import PromptedViT
 from .aggregate import Updates
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 def select_clients(num_clients: int, fraction: float, seed: int, rnd: int) -> list[int]:
     """The K = max(1, round(fraction * N)) clients of round ``rnd``, ascending."""
-    k = max(1, round(fraction * num_clients))
+    k = clients_per_round(num_clients, fraction)
     rng = np.random.default_rng(derive_seed(seed, rnd, 0x5E1EC7))
     return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
 

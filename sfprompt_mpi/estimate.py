@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..comm.protocol import HEADER_BYTES
-from ..config import Config
-from ..algorithms import build_algorithm
+from .algorithms import build_algorithm
+from .comm.protocol import HEADER_BYTES
+from .config import WIRE_DTYPES, Config, clients_per_round
 
-WIRE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+WIRE_BYTES = {name: getattr(torch, name).itemsize for name in WIRE_DTYPES}
 FLOAT32_BYTES = 4  # parameter vectors always travel as float32
 
 
@@ -88,8 +88,8 @@ def fedavg_client_round_bytes(numel: int) -> dict[str, dict[str, int]]:
 
 def build_meta_model(cfg: Config, num_classes: int):
     """-> (the run's model on the meta device with exactly its client-trained parameters trainable, its Layout)."""
-    from ..fed.state import Layout
-    from ..model.split import freeze_except
+    from .fed.state import Layout
+    from .model.split import freeze_except
 
     algo = build_algorithm(cfg)
     model = algo.build_model(num_classes, meta=True)
@@ -210,14 +210,14 @@ def fedavg_client_round_flops(shard: int, epochs: int, f: PassFlops) -> int:
 
 def describe_plan(cfg: Config, hosts: dict[int, list[int]], world_size: int, threads: int) -> str:
     """The --dry-run report: split, parameter counts, placement, samples and bytes per round."""
-    from ..data.datasets import check_dataset_files
+    from .data.datasets import check_dataset_files
 
     n_train, classes = check_dataset_files(cfg.data)
     model, layout = build_meta_model(cfg, classes)
     count = part_sizes(model)
     n_clients = sum(len(c) for c in hosts.values())
     per_client = n_train // n_clients
-    k = max(1, round(cfg.fed.fraction * n_clients))
+    k = clients_per_round(n_clients, cfg.fed.fraction)
     one = client_round_bytes(per_client, cfg, tokens=model.tokens, width=model.width, flat=layout.numel,
                              need_grad=needs_grad(model, layout))
     up, down = sum(one["up"].values()), sum(one["down"].values())

@@ -1,0 +1,73 @@
+"""The one way every command line ends: ``run``, ``analyze``, ``cost``, ``table`` and ``bench``.
+
+Each CLI's ``main(argv)`` hands its work to :func:`main_guard`, which turns
+the outcomes that are no bug into exit codes:
+
+- :class:`~sfprompt_mpi.errors.UserError`: one line ``error: ...`` on stderr
+  (printed by rank 0 only), exit code 2;
+- :class:`~sfprompt_mpi.errors.RunStopped`: one line ``[rNN] stopped: ...``,
+  exit code 3 (under MPI the whole job is aborted with 3, so that no rank is
+  left waiting);
+- KeyboardInterrupt under an MPI-aware command: ``[rNN] interrupted``, 130.
+
+Any other exception is a bug or a fault: in one process it keeps its
+traceback; under MPI it aborts the whole job with that rank's error.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import EXIT_RUN_STOPPED, EXIT_USER_ERROR, RunStopped, UserError
+
+
+@dataclass
+class Where:
+    """Where the command runs; ``main_guard``'s work may fill it in once it knows (e.g. after MPI starts)."""
+
+    rank: int = 0
+    mpi: bool = False  # several MPI ranks: a fault on one must end them all
+    interrupts: bool = False  # answer Ctrl-C with one line and 130 instead of a traceback
+
+
+def main_guard(work: Callable[[list[str] | None], int], argv: list[str] | None,
+               where: Where | None = None) -> int:
+    """``work(argv)`` -> its exit code, with user errors, stops and faults ended as the module doc says."""
+    where = where or Where()
+    try:
+        return work(argv)
+    except UserError as exc:
+        if where.rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except RunStopped as exc:  # e.g. too few clients survived a round: one line, no traceback
+        sys.stderr.write(f"[r{where.rank:02d}] stopped: {exc}\n")
+        sys.stderr.flush()
+        if where.mpi:
+            _comm_world().Abort(EXIT_RUN_STOPPED)  # a dropped rank may still be busy: end it too
+        return EXIT_RUN_STOPPED
+    except KeyboardInterrupt:
+        if not where.interrupts:
+            raise
+        print(f"[r{where.rank:02d}] interrupted", file=sys.stderr)
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - any fault must end the whole job
+        if not where.mpi:
+            raise
+        return abort_job(where.rank, exc, _comm_world())
+
+
+def abort_job(rank: int, exc: BaseException, comm: Any) -> int:
+    """Print this rank's fault once, with its traceback, and abort the whole MPI job (exit code 1)."""
+    sys.stderr.write(f"[r{rank:02d}] failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    sys.stderr.flush()
+    comm.Abort(1)
+    return 1
+
+
+def _comm_world() -> Any:
+    from mpi4py import MPI
+    return MPI.COMM_WORLD

@@ -1,0 +1,134 @@
+"""Where a rank sits: its MPI world, its node's memory, its torch threads and its log lines.
+
+Imports neither torch nor mpi4py at module level, so the launcher can ask
+before the heavy imports. ``run.py`` builds the :class:`World` once and hands
+it to ``runtime.py``; both read the rest from here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import UserError
+from .node import NodeLayout, node_layout, single_process_layout
+
+#: Memory one rank needs at least with a small model: the imports of torch,
+#: torchvision and timm alone take about 0.41 GB of private memory per
+#: process (measured on CPU, torch 2.15); 51 ranks of the offline default
+#: peaked at 23.5 GB on a 24 GB node. See README, "Many ranks on one node".
+RANK_MEMORY_FLOOR_GB = 0.42
+
+_MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
+
+
+@dataclass
+class World:
+    """Where this process sits: MPI communicator (None in one process), rank, size, and its node."""
+
+    comm: Any
+    rank: int
+    size: int
+    node: NodeLayout
+
+    @property
+    def single(self) -> bool:
+        return self.comm is None or self.size == 1
+
+
+def detect_world() -> World:
+    """Initialise MPI only when a launcher started us; otherwise a one-process world."""
+    if not any(v in os.environ for v in _MPI_ENV):
+        tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+        if "SLURM_STEP_ID" in os.environ and tasks > 1:
+            raise UserError(f"srun started {tasks} tasks but no MPI process manager is visible; "
+                            "launch with srun --mpi=pmi2 (or pmix) or with mpirun")
+        return World(None, 0, 1, single_process_layout())
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    return World(comm, comm.Get_rank(), comm.Get_size(), node_layout(comm))
+
+
+def node_memory_check(world: World) -> None:
+    """Refuse, with one line, to start more ranks on a node than its memory can hold.
+
+    The floor per rank is RANK_MEMORY_FLOOR_GB, or $SFPROMPT_RANK_GB where set
+    (larger for big models, 0 to turn the check off). Runs before torch is imported, so a node that would run out of memory
+    during start-up fails in a second instead of being OOM-killed minutes in.
+    Each node's ranks compare the floor x their count with MemAvailable; the
+    verdict is agreed by all ranks so no rank waits for a failed one."""
+    error = None
+    if world.comm is not None and world.size > 1:
+        ranks_here, local_rank = world.node.local_size, world.node.local_rank
+        available = _mem_available_gb()
+        floor = float(os.environ.get("SFPROMPT_RANK_GB", RANK_MEMORY_FLOOR_GB))
+        need = ranks_here * floor
+        if local_rank == 0 and available is not None and need > available:
+            error = (f"{ranks_here} ranks on node {os.uname().nodename} need at least {need:.1f} GB "
+                     f"({floor:g} GB each, SFPROMPT_RANK_GB) but only {available:.1f} GB is available; launch fewer "
+                     f"ranks per node and give each several clients with --clients N (virtual clients)")
+        errors = [e for e in world.comm.allgather(error) if e]
+        if errors:
+            raise UserError(errors[0])
+
+
+def _mem_available_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def client_hosts(num_clients: int, world_size: int) -> dict[int, list[int]]:
+    """Client ids hosted by each client rank: contiguous, as even as possible."""
+    ranks = max(1, world_size - 1)
+    return {1 + h: list(range(h * num_clients // ranks, (h + 1) * num_clients // ranks)) for h in range(ranks)}
+
+
+def setup_logging(cfg: Config, rank: int, log_dir: Path | None) -> None:
+    level = cfg.run.log_level or ("INFO" if rank == 0 else "WARNING")
+    fmt = logging.Formatter(f"[r{rank:02d}] %(message)s")
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    console.setLevel(level)
+    root.addHandler(console)
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_dir / f"rank{rank:05d}.log")
+        fh.setFormatter(logging.Formatter(f"%(asctime)s [r{rank:02d}] %(levelname)s %(name)s: %(message)s"))
+        fh.setLevel(min(logging.getLevelName(level), logging.INFO))
+        root.addHandler(fh)
+
+
+def torch_threads(cfg: Config, world: World, clients: int) -> int:
+    """Torch threads for this rank: ``--threads``, or by default this node's CPUs shared by its ranks.
+
+    The one-process reference run stands for the job with one rank per client
+    (``mpiexec -n clients+1``) and takes the threads one rank of that job would
+    get on this machine: results depend on the thread count (it splits the sums
+    of matrix products), so by default the two agree bitwise, and so does any
+    MPI run whose ranks come to the same count (ranks >= CPUs: one each)."""
+    if cfg.run.threads:
+        return cfg.run.threads
+    node = NodeLayout(0, clients + 1, world.node.cpus) if world.single else world.node
+    return node.threads_per_rank
+
+
+def set_threads(cfg: Config, world: World, clients: int) -> int:
+    """Give torch :func:`torch_threads` threads; -> that count."""
+    import torch
+    threads = torch_threads(cfg, world, clients)
+    torch.set_num_threads(threads)
+    return threads
