@@ -217,10 +217,10 @@ def summarize(run: Run, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _algo(path: Path) -> str | None:
-    """The run's ``fed.algo`` from its config.toml (None if unreadable)."""
-    import tomllib
+    """The run's ``fed.algo`` from its config.toml (None if unreadable); runs from before ``--algo`` ran the default."""
+    from .config import FedConfig, tomllib
     try:
-        return str(tomllib.loads((path / "config.toml").read_text()).get("fed", {}).get("algo", "sfprompt"))
+        return str(tomllib.loads((path / "config.toml").read_text()).get("fed", {}).get("algo", FedConfig.algo))
     except (OSError, ValueError):
         return None
 

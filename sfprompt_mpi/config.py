@@ -173,6 +173,11 @@ FIELDS = _field_index()
 _FLAGS = {"name": "--model"}
 
 
+def flag_of(name: str) -> str:
+    """The command-line flag of config field ``name`` (``local_epochs`` -> ``--local-epochs``)."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
 def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     """Check a TOML value's type against the field's default type."""
     key = f"{section}.{f.name}"
@@ -217,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     for section, cls in _SECTION_CLASSES.items():
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(cls):
-            flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+            flag = flag_of(f.name)
             meta = f.metadata
             # default None marks a flag as not given; the help states the real default (once)
             text = meta["help"] if "(default: " in meta["help"] else f"{meta['help']} (default: {f.default!r})"

@@ -85,6 +85,16 @@ def nominal_dataset(cfg: Config) -> tuple[int, int]:
     return datasets.check_dataset_files(cfg.data)  # offline datasets: no files to miss
 
 
+def _model_facts(cfg: Config, model) -> dict[str, Any]:
+    """The model, its cut and what travels, as the report states them."""
+    m = cfg.model
+    return {"model": m.name, "dataset": cfg.data.dataset, "depth": model.depth, "tokens": model.tokens,
+            "width": model.width, "wire_dtype": cfg.comm.wire_dtype,
+            "split": {"head_blocks": m.head_blocks, "tail_blocks": m.tail_blocks,
+                      "body_blocks": model.depth - m.head_blocks - m.tail_blocks, "prompt_len": m.prompt_len,
+                      "prompt_depth": m.prompt_depth, "train_head": m.train_head}}
+
+
 def estimate(cfg: Config, samples_per_client: int = 0, fedavg_epochs: int = 0) -> dict[str, Any]:
     """All the numbers, as a JSON-ready dict (bytes and FLOPs are integers)."""
     from . import estimate as acc
@@ -116,16 +126,7 @@ def estimate(cfg: Config, samples_per_client: int = 0, fedavg_epochs: int = 0) -
     fl_client = acc.fedavg_client_round_flops(shard, epochs, f)
     server = acc.server_round_flops(shard, cfg, f)
     return {
-        "model": cfg.model.name,
-        "dataset": cfg.data.dataset,
-        "depth": model.depth,
-        "tokens": model.tokens,
-        "width": model.width,
-        "wire_dtype": cfg.comm.wire_dtype,
-        "split": {"head_blocks": cfg.model.head_blocks, "tail_blocks": cfg.model.tail_blocks,
-                  "body_blocks": model.depth - cfg.model.head_blocks - cfg.model.tail_blocks,
-                  "prompt_len": cfg.model.prompt_len, "prompt_depth": cfg.model.prompt_depth,
-                  "train_head": cfg.model.train_head},
+        **_model_facts(cfg, model),
         "params": {**acc.part_sizes(model), "sfprompt_exchanged": layout.numel, "fedavg_exchanged": full_numel},
         "clients": clients,
         "selected_per_round": selected,

@@ -25,7 +25,7 @@ import torch
 from .comm.loopback import LoopbackHub
 from .comm.protocol import Transport
 from .comm.wrappers import Clock, wrap_transport
-from .config import Config, clients_per_round, parse_fault
+from .config import Config, clients_per_round, flag_of, parse_fault
 from .data.datasets import FedData, build_data, check_dataset_files, prepare_dataset
 from .data.partition import partition_indices
 from .errors import UserError
@@ -137,6 +137,8 @@ def run_job(cfg: Config, world: World, started: float | None = None, clock: Cloc
     started = time.monotonic() if started is None else started
     threading.current_thread().name = f"r{world.rank:02d}"
     setup_logging(cfg, world.rank, None)
+    if world.rank == 0:
+        _warn_ignored(cfg)
     info = _bcast(world, _agree(world, lambda: _rank0_checks(cfg, world) if world.rank == 0 else None))
     n = info["clients"]
     threads = set_threads(cfg, world, n)
@@ -186,6 +188,14 @@ def _wrap(cfg: Config, raw: Transport, clock: Clock | None = None) -> Transport:
     """What roles get: ``raw`` counted, timed into ``clock`` if any, with ``--inject-fault`` on its rank."""
     fault = parse_fault(cfg.run.inject_fault) if cfg.run.inject_fault else None
     return wrap_transport(raw, fault=fault, timeout=cfg.comm.client_timeout, clock=clock)
+
+
+def _warn_ignored(cfg: Config) -> None:
+    """One warning line for the settings given explicitly that the run's algorithm does not read."""
+    ignored = build_algorithm(cfg).ignored(cfg.given)
+    if ignored:
+        log.warning("warning: --algo %s does not read %s; %s", cfg.fed.algo, ", ".join(flag_of(n) for n in ignored),
+                    "it is ignored" if len(ignored) == 1 else "they are ignored")
 
 
 def release_free_memory() -> None:

@@ -177,3 +177,30 @@ def test_dry_run_describes_each_algorithms_own_plan(capsys, algo, has, lacks):
         assert text in plan, (text, plan)
     for text in lacks:
         assert text not in plan, (text, plan)
+
+
+def test_a_setting_the_algorithm_does_not_read_gets_one_warning_line(capsys, tmp_path):
+    from sfprompt_mpi.run import main
+
+    toml = tmp_path / "c.toml"
+    toml.write_text("[model]\nadapter_dim = 4\n")
+    assert main(["--config", str(toml), "--algo", "fl-full", "--local-epochs", "3", "--keep-ratio", "0.3",
+                 "--lr", "0.01", "--dry-run"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "does not read" in line]
+    assert warned == ["[r00] warning: --algo fl-full does not read --adapter-dim, --local-epochs, --keep-ratio; "
+                      "they are ignored"]
+
+    for algo, flags in (("sfprompt", ["--local-epochs", "3", "--keep-ratio", "0.3"]),
+                        ("fedpeft-adapter", ["--adapter-dim", "4"]), ("fl-full", [])):
+        assert main([*flags, "--algo", algo, "--dry-run"]) == 0
+        assert "does not read" not in capsys.readouterr().err, algo
+
+
+def test_each_algorithm_reads_only_algorithm_settings():
+    from sfprompt_mpi.algorithms import algorithm_class
+    from sfprompt_mpi.algorithms.base import ALGORITHM_SETTINGS
+    from sfprompt_mpi.config import FIELDS
+
+    assert set(ALGORITHM_SETTINGS) <= set(FIELDS)
+    for name in ALGOS:
+        assert algorithm_class(name).reads <= set(ALGORITHM_SETTINGS), name

@@ -16,6 +16,7 @@ Throughput counts samples through the body per second of wall time.
 from __future__ import annotations
 
 import argparse
+import functools
 import collections
 import time
 
@@ -93,24 +94,18 @@ def _check(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
-def run(args: argparse.Namespace) -> Report:
-    _check(args)
-    import os
-
+def _scripted_server(args: argparse.Namespace, device):
+    """A Server over ScriptedClients that answer at once from pre-made tensors; -> (server, model)."""
     import torch
     from torch.utils.data import TensorDataset
 
-    from ..config import build_config
     from ..comm.protocol import wire_dtype
     from ..comm.wrappers import Counted
+    from ..config import build_config
     from ..fed.server import Server
     from ..fed.state import Layout, trainable_names
     from ..model.split import build_model, freeze_except
 
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} but no CUDA device is visible")
     cfg = build_config({"model": {"name": args.model},
                         "fed": {"clients": args.clients, "batch_size": args.batch_size, "rounds": 10**6},
                         "comm": {"server_batch": args.server_batch, "wire_dtype": args.wire_dtype,
@@ -127,24 +122,47 @@ def run(args: argparse.Namespace) -> Report:
     empty = TensorDataset(torch.empty(0, 3, 32, 32), torch.empty(0, dtype=torch.long))
     server = Server(cfg, model, layout, empty, {1: list(range(args.clients))}, Counted(script), device=device)
     script.update = layout.flatten(server.global_state)
+    return server, model
+
+
+def _sync(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _body_alone_rate(body, n: int, d: int, device, batch: int, reps: int) -> float:
+    """Samples per second of the body's forward and backward to its input alone, at ``batch``."""
+    import torch
+    x = torch.randn(batch, n, d, device=device)
+    g = 1e-3 * torch.randn(batch, n, d, device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        leaf = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = body(leaf)
+        torch.autograd.grad(out, leaf, g)
+    _sync(device)
+    return batch * reps / (time.perf_counter() - t0)
+
+
+def run(args: argparse.Namespace) -> Report:
+    _check(args)
+    import os
+
+    import torch
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device} but no CUDA device is visible")
+    server, model = _scripted_server(args, device)
+    n, d, b = model.tokens, model.width, args.batch_size
     body = server.service.body.forward  # the body as the server runs it (autocast with --server-dtype bfloat16)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def body_alone(batch: int, reps: int) -> float:
-        x = torch.randn(batch, n, d, device=device)
-        g = 1e-3 * torch.randn(batch, n, d, device=device)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            leaf = x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                out = body(leaf)
-            torch.autograd.grad(out, leaf, g)
-        sync()
-        return batch * reps / (time.perf_counter() - t0)
+    sync = functools.partial(_sync, device)
+    body_alone = functools.partial(_body_alone_rate, body, n, d, device)
 
     per_round = args.clients * args.steps * b
     candidates = sorted({b * k for k in (1, 2, 4, 8, 16) if k <= max(args.server_batch, 1) * 4} | {b})

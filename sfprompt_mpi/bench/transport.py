@@ -53,31 +53,20 @@ def sizes(args: argparse.Namespace) -> list[int]:
     return out
 
 
-def run(args: argparse.Namespace) -> Report | None:
-    """Both ranks run this; rank 0 returns the report, rank 1 None."""
-    import numpy as np
-    import torch
-    from mpi4py import MPI
+class _PingPong:
+    """Timed ping-pongs between the two ranks: raw mpi4py buffers, and the project's transport."""
 
-    from ..comm import build_transport
-    from ..comm.protocol import Kind, expect
-    from ..comm.wrappers import Counted
+    def __init__(self, comm, transport) -> None:
+        self.comm, self.transport = comm, transport
+        self.me, self.peer = comm.Get_rank(), 1 - comm.Get_rank()
 
-    comm = MPI.COMM_WORLD
-    if comm.Get_size() != 2:
-        raise UserError(f"the transport suite runs on exactly 2 ranks, not {comm.Get_size()}: "
-                        "launch it without mpiexec (it starts mpiexec -n 2 itself) or with mpiexec -n 2")
-    me, peer = comm.Get_rank(), 1 - comm.Get_rank()
-    todo = sizes(args)
-    target = parse_size(args.target)
-    torch.set_num_threads(1)
-    transport = Counted(build_transport(args.transport, comm))  # counted, as a run's transport is
-
-    def raw_trial(send_buf: np.ndarray, recv_buf: np.ndarray, reps: int) -> float:
+    def raw(self, send_buf, recv_buf, reps: int) -> float:
+        from mpi4py import MPI
+        comm, peer = self.comm, self.peer
         comm.Barrier()
         t0 = time.perf_counter()
         for _ in range(reps):
-            if me == 0:
+            if self.me == 0:
                 comm.Send([send_buf, MPI.BYTE], peer, TAG)
                 comm.Recv([recv_buf, MPI.BYTE], peer, TAG)
             else:
@@ -85,12 +74,13 @@ def run(args: argparse.Namespace) -> Report | None:
                 comm.Send([recv_buf, MPI.BYTE], peer, TAG)
         return time.perf_counter() - t0
 
-    def project_trial(x: torch.Tensor, reps: int) -> float:
-        shape = tuple(x.shape)
-        comm.Barrier()
+    def project(self, x, reps: int) -> float:
+        from ..comm.protocol import Kind, expect
+        transport, peer, shape = self.transport, self.peer, tuple(x.shape)
+        self.comm.Barrier()
         t0 = time.perf_counter()
         for step in range(reps):
-            if me == 0:
+            if self.me == 0:
                 transport.send(peer, Kind.ACTS, x, round=1, client=0, step=step)
                 msg = transport.recv(peer, timeout=TIMEOUT_S, waiting_for=f"echo of step {step}")
                 expect(msg.header, Kind.BODY_OUT, step=step, shape=shape)
@@ -103,25 +93,43 @@ def run(args: argparse.Namespace) -> Report | None:
             msg = None  # done with the payload, as the raw side is with its buffer: the pool may hand it out again
         return time.perf_counter() - t0
 
-    rows = []
-    for n in todo:
-        reps = max(3, target // n)
+    def row(self, n: int, reps: int, trials: int) -> dict:
+        """Best of ``trials`` alternating raw and project trials of ``reps`` round trips of ``n`` bytes."""
+        import numpy as np
+        import torch
         x = torch.arange(n // 4, dtype=torch.float32)
         send_buf = x.numpy().view(np.uint8)  # the very memory the project sends from
         recv_buf = np.empty(n, dtype=np.uint8)
-        raw_trial(send_buf, recv_buf, 1)  # warm-up: connection set-up and first-touch of the buffers
-        project_trial(x, 1)
+        self.raw(send_buf, recv_buf, 1)  # warm-up: connection set-up and first-touch of the buffers
+        self.project(x, 1)
         best_raw, best_project = float("inf"), float("inf")
-        for _ in range(args.trials):
-            best_raw = min(best_raw, raw_trial(send_buf, recv_buf, reps))
-            best_project = min(best_project, project_trial(x, reps))
-        if me == 0:
-            raw_bw = 2 * n * reps / best_raw / 1e9
-            proj_bw = 2 * n * reps / best_project / 1e9
-            rows.append({"size": human_bytes(n), "bytes": n, "round_trips": reps,
-                         "raw_GBps": raw_bw, "project_GBps": proj_bw,
-                         "raw_rtt_us": best_raw / reps * 1e6, "project_rtt_us": best_project / reps * 1e6,
-                         "ratio": proj_bw / raw_bw})
+        for _ in range(trials):
+            best_raw = min(best_raw, self.raw(send_buf, recv_buf, reps))
+            best_project = min(best_project, self.project(x, reps))
+        raw_bw, proj_bw = 2 * n * reps / best_raw / 1e9, 2 * n * reps / best_project / 1e9
+        return {"size": human_bytes(n), "bytes": n, "round_trips": reps, "raw_GBps": raw_bw, "project_GBps": proj_bw,
+                "raw_rtt_us": best_raw / reps * 1e6, "project_rtt_us": best_project / reps * 1e6,
+                "ratio": proj_bw / raw_bw}
+
+
+def run(args: argparse.Namespace) -> Report | None:
+    """Both ranks run this; rank 0 returns the report, rank 1 None."""
+    import torch
+    from mpi4py import MPI
+
+    from ..comm import build_transport
+    from ..comm.wrappers import Counted
+
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != 2:
+        raise UserError(f"the transport suite runs on exactly 2 ranks, not {comm.Get_size()}: "
+                        "launch it without mpiexec (it starts mpiexec -n 2 itself) or with mpiexec -n 2")
+    me = comm.Get_rank()
+    target = parse_size(args.target)
+    torch.set_num_threads(1)
+    transport = Counted(build_transport(args.transport, comm))  # counted, as a run's transport is
+    pingpong = _PingPong(comm, transport)
+    rows = [pingpong.row(n, max(3, target // n), args.trials) for n in sizes(args)]
     transport.close()
     if me != 0:
         return None
