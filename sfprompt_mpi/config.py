@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .algorithms import ALGOS
+from .algorithms.registry import ALGOS
 from .errors import UserError
 
 try:

@@ -24,7 +24,7 @@ from sfprompt_mpi.config import ALGOS, build_config, parse_config
 from sfprompt_mpi.cost import algorithm_costs
 from sfprompt_mpi.data.datasets import build_data
 from sfprompt_mpi.algorithms import build_algorithm
-from sfprompt_mpi.fed.state import Layout, trainable_names
+from sfprompt_mpi.fed.state import Layout
 from sfprompt_mpi.metrics.h5 import read_metrics
 from sfprompt_mpi.model.split import freeze_except
 from sfprompt_mpi.runtime import run_reference
@@ -77,7 +77,7 @@ def _reference(tmp_path, algo: str):
                         "data": {"max_train_samples": 64, "max_test_samples": 20}})
     data = build_data(cfg.data, 32, cfg.run.seed)
     model = build_algorithm(cfg).build_model(data.num_classes, quiet=True)
-    layout = Layout(model, trainable_names(model, cfg))
+    layout = Layout(model, build_algorithm(cfg).trained_names(model))
     freeze_except(model, set(layout.names))
     before = copy.deepcopy(model)
     server, host = run_reference(cfg, model, layout, data, {1: [0, 1]}, tmp_path / algo)
@@ -119,7 +119,7 @@ def test_adapters_start_as_the_identity_and_keep_timm_names():
 
     torch.testing.assert_close(adapted(x), plain(x), rtol=0, atol=0)
     assert set(dict(plain.named_parameters())) < set(dict(adapted.named_parameters()))
-    assert all(".adapter." in n or n.startswith("vit.head.") for n in trainable_names(adapted, cfg))
+    assert all(".adapter." in n or n.startswith("vit.head.") for n in build_algorithm(cfg).trained_names(adapted))
 
 
 @pytest.mark.slow

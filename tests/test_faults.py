@@ -33,7 +33,8 @@ from sfprompt_mpi.fed.aggregate import Updates, aggregate, fedavg, fedavg_flat, 
 from sfprompt_mpi.fed.dp import dp_epsilon, dp_fedavg
 from sfprompt_mpi.fed.checks import Late, check_message
 from sfprompt_mpi.fed.server import Server
-from sfprompt_mpi.fed.state import Layout, trainable_names
+from sfprompt_mpi.algorithms import build_algorithm
+from sfprompt_mpi.fed.state import Layout
 from sfprompt_mpi.metrics.h5 import read_events, read_metrics
 from sfprompt_mpi.model.split import build_model
 from sfprompt_mpi.run import main
@@ -168,7 +169,7 @@ def test_dp_run_records_epsilon_per_round_and_resumes_to_the_same_parameters(tmp
 def server() -> Server:
     cfg = build_config({"fed": {"clients": 4, "batch_size": 16}})
     model = build_model(cfg.model, 10, cfg.run.seed, quiet=True)
-    layout = Layout(model, trainable_names(model, cfg))
+    layout = Layout(model, build_algorithm(cfg).trained_names(model))
     hub = LoopbackHub(3)
     return Server(cfg, model, layout, [], {1: [0, 1], 2: [2, 3]}, hub.endpoint(0))
 
@@ -183,7 +184,7 @@ def _msg(source: int, kind: Kind, payload: torch.Tensor | None, *, round: int = 
 def _server_with(hub: LoopbackHub, fed: dict) -> Server:
     cfg = build_config({"fed": {"clients": 4, "batch_size": 16, **fed}})
     model = build_model(cfg.model, 10, cfg.run.seed, quiet=True)
-    return Server(cfg, model, Layout(model, trainable_names(model, cfg)), [], {1: [0, 1], 2: [2, 3]},
+    return Server(cfg, model, Layout(model, build_algorithm(cfg).trained_names(model)), [], {1: [0, 1], 2: [2, 3]},
                   hub.endpoint(0))
 
 

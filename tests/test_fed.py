@@ -16,7 +16,8 @@ from sfprompt_mpi.data.datasets import build_data
 from sfprompt_mpi.fed.aggregate import ExactSum, Updates, fedavg, fedavg_flat
 from sfprompt_mpi.fed.training import take_batch
 from sfprompt_mpi.fed.pruning import el2n_scores, keep_count, select_highest
-from sfprompt_mpi.fed.state import Layout, trainable_names
+from sfprompt_mpi.algorithms import build_algorithm
+from sfprompt_mpi.fed.state import Layout
 from sfprompt_mpi.metrics.h5 import read_metrics
 from sfprompt_mpi.model.split import build_model, freeze_except
 from sfprompt_mpi.run import main
@@ -121,7 +122,7 @@ def _reference(tmp_path, overrides: dict):
     cfg = build_config(overrides)
     data = build_data(cfg.data, 32, cfg.run.seed)
     model = build_model(cfg.model, data.num_classes, cfg.run.seed, quiet=True)
-    layout = Layout(model, trainable_names(model, cfg))
+    layout = Layout(model, build_algorithm(cfg).trained_names(model))
     freeze_except(model, set(layout.names))
     hosts = {1: list(range(cfg.fed.clients))}
     before = copy.deepcopy(model)

@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 from sfprompt_mpi.config import ModelConfig, build_config
 from sfprompt_mpi.errors import UserError
-from sfprompt_mpi.fed.state import Layout, trainable_names
+from sfprompt_mpi.algorithms import build_algorithm
+from sfprompt_mpi.fed.state import Layout
 from sfprompt_mpi.model.split import PromptedViT, apply_client_cut, build_model
 from sfprompt_mpi.model.vit import build_backbone
 
@@ -42,7 +43,7 @@ def test_split_gradients_equal_end_to_end_autograd(depth_mode: str, train_head: 
     cfg = build_config({"model": {"prompt_len": 4, "prompt_depth": depth_mode, "head_blocks": 2,
                                   "tail_blocks": 1, "train_head": train_head}})
     model = build_model(cfg.model, 10, seed=1, quiet=True).double()
-    names = trainable_names(model, cfg)
+    names = build_algorithm(cfg).trained_names(model)
     params = dict(model.named_parameters())
     x, y = _images(4).double(), torch.tensor([1, 2, 3, 4])
 
@@ -75,7 +76,7 @@ def test_every_parameter_belongs_to_one_part_and_the_client_cut_drops_the_body()
     assert parts["vit.blocks.2.attn.qkv.weight"] == "body"
     assert parts["vit.blocks.5.attn.qkv.weight"] == "tail"
     assert parts["vit.head.weight"] == "tail" and parts["prompts.tokens"] == "head"
-    names = trainable_names(model, cfg)
+    names = build_algorithm(cfg).trained_names(model)
     assert all(parts[n] in ("tail",) or n.startswith("prompts.") for n in names)
 
     apply_client_cut(model)

@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import load_file
 
 from sfprompt_mpi.config import parse_config
-from sfprompt_mpi.fed.state import Layout, trainable_names
+from sfprompt_mpi.algorithms import build_algorithm
+from sfprompt_mpi.fed.state import Layout
 from sfprompt_mpi.metrics.h5 import read_events, read_metrics
 from sfprompt_mpi.model.split import build_model
 
@@ -89,7 +90,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> _Runs:
 def _initial_params() -> dict[str, torch.Tensor]:
     cfg = parse_config(COMMON)
     model = build_model(cfg.model, DIGITS_CLASSES, cfg.run.seed, quiet=True)
-    return Layout(model, trainable_names(model, cfg)).read(model)
+    return Layout(model, build_algorithm(cfg).trained_names(model)).read(model)
 
 
 def _assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:

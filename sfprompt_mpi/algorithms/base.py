@@ -41,7 +41,6 @@ from ..fed.dp import dp_epsilon, dp_fedavg
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..estimate import PassFlops
     from ..fed.training import LocalTrainer
     from ..model.split import PromptedViT
 
@@ -174,8 +173,9 @@ class Algorithm:
         """Samples of a ``shard``-sample client that split training uses."""
         return shard
 
-    def client_flops(self, shard: int, f: "PassFlops") -> dict[str, int]:
-        """FLOPs one client of ``shard`` samples spends in one round, per phase.
+    def client_flops(self, shard: int, f: Any) -> dict[str, int]:
+        """FLOPs one client of ``shard`` samples spends in one round, per phase (``f``: the FLOPs per
+        sample of every pass, an :class:`sfprompt_mpi.estimate.PassFlops`, which prices any algorithm).
 
         Split: 'split' (head and tail fwd+bwd over the kept samples); whole-model
         algorithms: 'train' (``split_epochs`` epochs, the model's own trainable set)."""
@@ -184,7 +184,7 @@ class Algorithm:
             return {"train": epochs * shard * (f.model_fwd + f.model_bwd)}
         return {"split": epochs * self.kept_count(shard) * (f.head_fwd + f.head_bwd + f.tail_fwd + f.tail_bwd)}
 
-    def server_flops(self, shard: int, f: "PassFlops") -> int:
+    def server_flops(self, shard: int, f: Any) -> int:
         """FLOPs the server spends on one such client in one round: body fwd (+bwd) over its kept samples."""
         if not self.split:
             return 0

@@ -103,7 +103,8 @@ def _scripted_server(args: argparse.Namespace, device):
     from ..comm.wrappers import Counted
     from ..config import build_config
     from ..fed.server import Server
-    from ..fed.state import Layout, trainable_names
+    from ..algorithms import build_algorithm
+    from ..fed.state import Layout
     from ..model.split import build_model, freeze_except
 
     cfg = build_config({"model": {"name": args.model},
@@ -111,7 +112,7 @@ def _scripted_server(args: argparse.Namespace, device):
                         "comm": {"server_batch": args.server_batch, "wire_dtype": args.wire_dtype,
                                  "server_dtype": args.server_dtype}})
     model = build_model(cfg.model, 10, seed=0, quiet=True)
-    layout = Layout(model, trainable_names(model, cfg))
+    layout = Layout(model, build_algorithm(cfg).trained_names(model))
     freeze_except(model, set(layout.names))
     wire = wire_dtype(args.wire_dtype)
     n, d, b = model.tokens, model.width, args.batch_size

@@ -11,19 +11,11 @@ import math
 import numpy as np
 import torch
 
-from ..config import Config
-
 
 
 def derive_seed(base: int, *parts: int) -> int:
     """An independent 63-bit seed for (base, parts...): one base seed feeds everything."""
     return int(np.random.SeedSequence([base, *parts]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def trainable_names(model: torch.nn.Module, cfg: Config) -> list[str]:
-    """Names of the parameters that clients train and the server aggregates (the algorithm's), in model order."""
-    from ..algorithms import build_algorithm
-    return build_algorithm(cfg).trained_names(model)
 
 
 class Layout:
