@@ -29,6 +29,7 @@ run warns once about any other of them given explicitly.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 
@@ -85,6 +86,14 @@ class ClientRound:
     def split_forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         """Head here, body on the server, tail here -> ``logits_BK``."""
         return self.model.tail(self.remote_body(self.model.head(images_BCHW)))
+
+    def split_train(self, indices: np.ndarray, epochs: int, lr: float) -> dict[str, float]:
+        """Split training over ``indices``; -> ``split_loss``, ``time/split`` (computing) and ``time/wait``
+        (waiting for the server's replies)."""
+        t0 = time.perf_counter()
+        loss, _ = self.train(self.split_forward, indices, epochs, lr)
+        waited = self.remote_body.waited
+        return {"split_loss": loss, "time/split": time.perf_counter() - t0 - waited, "time/wait": waited}
 
 
 class Algorithm:
@@ -220,7 +229,6 @@ def in_model_order(model: torch.nn.Module, names: Any) -> list[str]:
 def timed(stats: dict[str, float], key: str):
     """``with timed(stats, 'time/local'): ...`` adds the seconds spent inside to ``stats[key]``."""
     import contextlib
-    import time
 
     @contextlib.contextmanager
     def scope():

@@ -13,8 +13,6 @@ A client's round has three phases:
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..fed.pruning import el2n_scores, keep_count, select_highest
@@ -51,10 +49,7 @@ class SFPrompt(Algorithm):
                 kept = ctx.shard[select_highest(scores, fed.keep_ratio).numpy()]
                 stats.update(el2n_mean=float(scores.mean()), el2n_max=float(scores.max()))
         stats["kept"] = len(kept)
-        t0 = time.perf_counter()
-        stats["split_loss"], _ = ctx.train(ctx.split_forward, kept, fed.split_epochs, ctx.settings.lr)
-        stats["time/wait"] = ctx.remote_body.waited
-        stats["time/split"] = time.perf_counter() - t0 - stats["time/wait"]
+        stats.update(ctx.split_train(kept, fed.split_epochs, ctx.settings.lr))
         return stats
 
     @torch.no_grad()

@@ -10,8 +10,6 @@ back to the clients. Both train ``--split-epochs`` epochs over all samples.
 
 from __future__ import annotations
 
-import time
-
 from ..fed.body import TrainedBody
 from .base import SPLIT_SETTINGS, Algorithm, ClientRound, classifier_names
 
@@ -20,12 +18,7 @@ class SplitFed(Algorithm):
     split = True
 
     def client_round(self, ctx: ClientRound) -> dict[str, float]:
-        stats: dict[str, float] = {"kept": len(ctx.shard)}
-        t0 = time.perf_counter()
-        stats["split_loss"], _ = ctx.train(ctx.split_forward, ctx.shard, self.cfg.fed.split_epochs, ctx.settings.lr)
-        stats["time/wait"] = ctx.remote_body.waited
-        stats["time/split"] = time.perf_counter() - t0 - stats["time/wait"]
-        return stats
+        return {"kept": len(ctx.shard), **ctx.split_train(ctx.shard, self.cfg.fed.split_epochs, ctx.settings.lr)}
 
 
 class SplitFedFull(SplitFed):
