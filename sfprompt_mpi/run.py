@@ -22,14 +22,20 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from .cli import Where, main_guard
-from .config import Config, build_parser, config_from_dict, flags_given, load_toml, parse_config
 from .errors import UserError
 from .world import detect_world, node_memory_check
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def resolve_config(argv: list[str] | None) -> Config:
     """CLI (+ --config), or for --resume the run's own config.toml with CLI flags on top."""
+    # imported here so that MPI starts (detect_world) before argparse and the config machinery load
+    from .config import build_parser, config_from_dict, flags_given, load_toml, parse_config
     cfg = parse_config(argv)
     if not cfg.run.resume:
         return cfg

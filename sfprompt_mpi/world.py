@@ -12,11 +12,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import Config
 from .errors import UserError
 from .node import NodeLayout, node_layout, single_process_layout
+
+if TYPE_CHECKING:
+    from .config import Config
 
 #: Memory one rank needs at least with a small model: the imports of torch,
 #: torchvision and timm alone take about 0.41 GB of private memory per
