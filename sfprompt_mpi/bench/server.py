@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> Report:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} but no CUDA device is visible")
-    cfg = build_config({"model": {"name": args.model},
+    cfg = build_config({"model": {"name": args.model, "pretrained": False},  # timing needs no weights
                         "fed": {"clients": args.clients, "batch_size": args.batch_size, "rounds": 10**6},
                         "comm": {"server_batch": args.server_batch, "wire_dtype": args.wire_dtype,
                                  "server_dtype": args.server_dtype}})
