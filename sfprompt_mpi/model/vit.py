@@ -61,6 +61,8 @@ def build_backbone(cfg: ModelConfig, num_classes: int, *, quiet: bool = False, m
             vit = _create(name, base, pretrained=False, **kwargs)
             load_backbone_weights(vit, shipped_weights(base))
             return vit
+        with torch.device("meta"):  # a wrong name is "unknown model", not a failed download
+            _create(name, base, pretrained=False, **kwargs)
         try:
             return _create(name, base, pretrained=True, **kwargs)
         except UserError:
