@@ -1,7 +1,7 @@
 """Pre-train a CPU model on formula-driven images: no download, no dataset.
 
     python -m sfprompt_mpi.pretrain --model vit_micro_patch8_32            # the shipped weights (~6 min, 2 cores)
-    python -m sfprompt_mpi.pretrain --model vit_mini_patch4_32 --epochs 4  # the larger CPU model
+    python -m sfprompt_mpi.pretrain --model vit_mini_patch4_32 --epochs 4  # the larger CPU model (~10x slower per image)
     python -m sfprompt_mpi.pretrain --classes 4 --per-class 8 --epochs 1 --out /tmp/w   # a smoke test
 
 Formula-driven supervised learning (Kataoka et al. 2020, FractalDB; Nakashima
