@@ -50,7 +50,7 @@ class ModelConfig:
     prompt_len: int = _f(8, "number of soft prompt tokens P inserted after the class token (0: no prompts)")
     prompt_depth: str = _f("shallow", "shallow: prompts at the input only; deep: fresh prompts before every head block", ("shallow", "deep"))
     train_head: bool = _f(False, "also train (and aggregate) the head's blocks and embeddings")
-    pretrained: bool = _f(False, "load timm's pretrained weights (needs them cached or reachable)")
+    pretrained: bool = _f(True, "start from pretrained weights: timm's (cached or reachable) for timm names, the shipped fractal-pretrained ones for the CPU models; --no-pretrained: random init; --checkpoint wins")
     checkpoint: str = _f("", "local weights file for the backbone (timm .pth/.bin or .safetensors)")
     adapter_dim: int = _f(8, "bottleneck width of the adapters of --algo fedpeft-adapter")
 

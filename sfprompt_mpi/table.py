@@ -5,8 +5,9 @@
     python -m sfprompt_mpi.table --algos sfprompt,fl-full -- --clients 8 --partition dirichlet
 
 Runs each ``--algo`` once as the single-process reference run on the offline
-default (scikit-learn's digits, the randomly initialised micro ViT; any extra
-``sfprompt_mpi.run`` flags after ``--`` apply to every run) and prints one row
+default (scikit-learn's digits, the micro ViT with its shipped
+fractal-pretrained weights; any extra ``sfprompt_mpi.run`` flags after ``--``,
+e.g. ``--no-pretrained``, apply to every run) and prints one row
 per algorithm: final test accuracy, bytes per client per round (measured at
 the server), client FLOPs per local sample (``sfprompt_mpi.cost``'s counter),
 and wall time. This is a reduced offline run, not the paper's setting: the
@@ -74,7 +75,8 @@ def run_table(algos: list[str], rounds: int, out: Path, flags: list[str], progre
 
 
 def render(rows: list[dict[str, Any]], rounds: int) -> str:
-    lines = [f"Reduced offline run ({rounds} rounds, digits, vit_micro_patch8_32 from random weights) - "
+    lines = [f"Reduced offline run ({rounds} rounds, digits, vit_micro_patch8_32, fractal-pretrained "
+             "unless --no-pretrained) - "
              "not the paper's setting",
              "",
              "| algorithm | test accuracy | MB per client per round | exchanged parameters "

@@ -227,7 +227,7 @@ def test_bfloat16_server_body_runs_the_body_in_bfloat16_and_stays_close(tmp_path
 # -- whole runs -------------------------------------------------------------------------
 @pytest.mark.slow
 def test_default_job_learns_digits_far_above_chance(tmp_path) -> None:
-    # The offline default (digits, micro ViT from random weights, 4 clients, 10 rounds).
+    # The offline default (digits, micro ViT from the shipped fractal-pretrained weights, 4 clients, 10 rounds).
     # Chance is 0.10; this seed reaches ~0.73 here. We hold 0.5.
     run_dir = tmp_path / "run"
     assert main(["--run-dir", str(run_dir), "--threads", "2"]) == 0

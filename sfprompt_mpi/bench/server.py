@@ -107,7 +107,7 @@ def _scripted_server(args: argparse.Namespace, device):
     from ..fed.state import Layout
     from ..model.split import build_model, freeze_except
 
-    cfg = build_config({"model": {"name": args.model},
+    cfg = build_config({"model": {"name": args.model, "pretrained": False},  # timing needs no weights
                         "fed": {"clients": args.clients, "batch_size": args.batch_size, "rounds": 10**6},
                         "comm": {"server_batch": args.server_batch, "wire_dtype": args.wire_dtype,
                                  "server_dtype": args.server_dtype}})

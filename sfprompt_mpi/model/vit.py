@@ -1,13 +1,18 @@
 """Building the backbone: any timm VisionTransformer, plus small CPU models.
 
-Weights come from timm's own pretrained loading (``pretrained``), from a
-local file (``checkpoint``: a timm ``.pth``/``.bin`` state dict or a
-``.safetensors`` file), or, with neither, from a seeded random init (with a
-one-line warning). The classifier is always new, sized for the dataset.
+Weights come from a local file (``checkpoint``: a timm ``.pth``/``.bin``
+state dict or a ``.safetensors`` file), else with ``pretrained`` (the
+default) from timm's own pretrained loading or, for the CPU models, from the
+weights shipped in ``weights/`` (pre-trained on formula-driven fractals by
+``python -m sfprompt_mpi.pretrain``; checked against the SHA-256 in the JSON
+record beside them), else (``--no-pretrained``) from a seeded random init,
+with a one-line warning. The classifier is always new, sized for the dataset.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -25,6 +30,9 @@ SMALL_MODELS: dict[str, dict] = {
     "vit_micro_patch8_32": dict(img_size=32, patch_size=8, embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0, init_values=0.1),
     "vit_mini_patch4_32": dict(img_size=32, patch_size=4, embed_dim=128, depth=8, num_heads=4, mlp_ratio=4.0),
 }
+
+#: Where the CPU models' pre-trained weights ship: ``<name>.safetensors`` plus its ``<name>.json`` record.
+SHIPPED_WEIGHTS = Path(__file__).parent / "weights"
 
 
 def model_depth_and_size(name: str) -> tuple[int, int]:
@@ -44,15 +52,17 @@ def build_backbone(cfg: ModelConfig, num_classes: int, *, quiet: bool = False, m
     if meta:
         with torch.device("meta"):
             return _create(name, base, pretrained=False, **kwargs)
-    if cfg.pretrained and cfg.checkpoint:
-        raise UserError("model.pretrained and model.checkpoint are exclusive: pick one source of weights")
-    if cfg.checkpoint:
+    if cfg.checkpoint:  # an explicit file wins over the (default-on) pretrained weights
         vit = _create(name, base, pretrained=False, **kwargs)
         load_backbone_weights(vit, cfg.checkpoint)
         return vit
     if cfg.pretrained:
         if base in SMALL_MODELS:
-            raise UserError(f"{name} has no pretrained weights; drop --pretrained or use --checkpoint")
+            vit = _create(name, base, pretrained=False, **kwargs)
+            load_backbone_weights(vit, shipped_weights(base))
+            return vit
+        with torch.device("meta"):  # a wrong name is "unknown model", not a failed download
+            _create(name, base, pretrained=False, **kwargs)
         try:
             return _create(name, base, pretrained=True, **kwargs)
         except UserError:
@@ -60,9 +70,9 @@ def build_backbone(cfg: ModelConfig, num_classes: int, *, quiet: bool = False, m
         except Exception as exc:  # timm raises a zoo of network/file errors
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"could not load pretrained weights for {name} ({first}); "
-                            f"cache them (HF_HOME) or pass --checkpoint FILE") from None
+                            f"cache them (HF_HOME), pass --checkpoint FILE, or --no-pretrained for random weights") from None
     if not quiet:
-        log.warning("no --pretrained or --checkpoint: %s starts from random weights", name)
+        log.warning("--no-pretrained and no --checkpoint: %s starts from random weights", name)
     return _create(name, base, pretrained=False, **kwargs)
 
 
@@ -75,6 +85,18 @@ def _create(name: str, base: str, *, pretrained: bool, **kwargs) -> VisionTransf
     if not isinstance(vit, VisionTransformer):
         raise UserError(f"model {name!r} is a {type(vit).__name__}, not a timm VisionTransformer")
     return vit
+
+
+def shipped_weights(name: str) -> Path:
+    """The shipped weights file of CPU model ``name``, checked against its record's SHA-256."""
+    path, record_path = SHIPPED_WEIGHTS / f"{name}.safetensors", SHIPPED_WEIGHTS / f"{name}.json"
+    if not path.is_file() or not record_path.is_file():
+        raise UserError(f"{name} has no shipped pretrained weights; pass --no-pretrained, or make them with "
+                        f"python -m sfprompt_mpi.pretrain --model {name} --out DIR and pass --checkpoint DIR/{name}.safetensors")
+    want = json.loads(record_path.read_text()).get("sha256")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != want:
+        raise UserError(f"shipped weights {path} do not match the SHA-256 in {record_path.name}; reinstall the package")
+    return path
 
 
 def load_backbone_weights(vit: VisionTransformer, path: str | Path) -> None:
