@@ -98,7 +98,9 @@ def pretrain(model: str, recipe: Any, train: TrainSettings, seed: int, out: Path
     state = {k: v.detach().contiguous() for k, v in vit.state_dict().items() if not k.startswith("head.")}
     out.mkdir(parents=True, exist_ok=True)
     weights = out / f"{model}.safetensors"
-    save_file(state, str(weights), metadata={"model": model, "seed": str(seed)})
+    # One metadata key: safetensors writes its metadata map in no fixed order, so two keys would make
+    # the same tensors two different files (and checksums). The seed and recipe are in the JSON record.
+    save_file(state, str(weights), metadata={"model": model})
     record = {
         "model": model,
         "command": command,
