@@ -28,9 +28,21 @@ from .errors import UserError
 from .world import detect_world, node_memory_check
 
 
+#: Settings that say how a run is managed, not what it computes: a run continued with other values
+#: of these is still the same run.
+RUN_MANAGEMENT = ("run_dir", "resume", "log_level", "dry_run", "time_budget")
+
+
 def resolve_config(argv: list[str] | None) -> Config:
-    """CLI (+ --config), or for --resume the run's own config.toml with CLI flags on top."""
+    """CLI (+ --config), or for --resume the run's own config.toml with CLI flags on top.
+
+    ``--run-dir DIR`` naming a run directory that holds a run of the same config
+    continues it as ``--resume DIR`` would (a requeued job runs its command
+    again); one of another config is refused with one line."""
     cfg = parse_config(argv)
+    if not cfg.run.resume and cfg.run.run_dir and (Path(cfg.run.run_dir) / "config.toml").is_file():
+        _check_same_run(cfg, Path(cfg.run.run_dir))
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=cfg.run.run_dir))
     if not cfg.run.resume:
         return cfg
     run_dir = Path(cfg.run.resume)
@@ -40,8 +52,21 @@ def resolve_config(argv: list[str] | None) -> Config:
     values = load_toml(saved)
     for section, flags in flags_given(build_parser().parse_args(argv)).items():
         values.setdefault(section, {}).update(flags)
-    values.setdefault("run", {}).update(resume=str(run_dir), run_dir=str(run_dir))
+    # how this run is managed is the command's, not the first command's (e.g. its --time-budget)
+    values.setdefault("run", {}).update({k: getattr(cfg.run, k) for k in RUN_MANAGEMENT})
+    values["run"].update(resume=str(run_dir), run_dir=str(run_dir))
     return dataclasses.replace(config_from_dict(values), given=cfg.given)
+
+
+def _check_same_run(cfg: Config, run_dir: Path) -> None:
+    """Refuse, with one line, to continue ``run_dir`` with a config other than its own."""
+    saved = config_from_dict(load_toml(run_dir / "config.toml")).to_dict()
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            if key not in RUN_MANAGEMENT and saved[section][key] != value:
+                raise UserError(f"run directory {run_dir} holds a run of another config ({section}.{key} is "
+                                f"{saved[section][key]!r} there, {value!r} here); continue it with --resume "
+                                f"{run_dir} (its own config.toml, flags on top) or choose another --run-dir")
 
 
 def main(argv: list[str] | None = None, started: float | None = None, clock: Any = None) -> int:
