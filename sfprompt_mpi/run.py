@@ -19,12 +19,14 @@ import time
 _STARTED = time.monotonic()  # before anything heavy is imported
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
 from .cli import Where, main_guard
 from .config import Config, build_parser, config_from_dict, flags_given, load_toml, parse_config
 from .errors import UserError
+from .stopping import Stopper
 from .world import detect_world, node_memory_check
 
 
@@ -78,10 +80,18 @@ def main(argv: list[str] | None = None, started: float | None = None, clock: Any
     def job(argv: list[str] | None) -> int:
         world = detect_world()
         where.rank, where.mpi = world.rank, not world.single
-        cfg = resolve_config(argv)
-        node_memory_check(world)
-        from .runtime import run_job  # heavy imports (torch, timm) only after argument checks
-        return run_job(cfg, world, started, clock)
+        # From here SIGTERM/SIGUSR1 ask the run to stop after its round in progress (stopping.py); a
+        # rank that fails meanwhile ends with its own exit code, not 143 when srun signals the others.
+        stopper = Stopper(world.rank).install()
+        if world.rank != 0:  # only rank 0 fetches pretrained weights; the others read its cache
+            os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            cfg = resolve_config(argv)
+            node_memory_check(world)
+            from .runtime import run_job  # heavy imports (torch, timm) only after argument checks
+            return run_job(cfg, world, started, clock, stopper)
+        finally:
+            stopper.close()
 
     return main_guard(job, argv, where)
 

@@ -39,6 +39,7 @@ from .metrics.h5 import MetricsWriter, link_rank_files
 from .algorithms import build_algorithm
 from .model.split import apply_client_cut, freeze_except
 from .model.vit import build_backbone
+from .model.weights import check_pretrained_available
 from .node import wait_policy
 from .stopping import Stopper, run_deadline
 from .world import World, client_hosts, set_threads, setup_logging
@@ -68,7 +69,7 @@ def num_clients(cfg: Config, world: World) -> int:
     n = cfg.fed.clients or (4 if world.single else world.size - 1)
     if not world.single and n < world.size - 1:
         raise UserError(f"--clients {n} is smaller than the {world.size - 1} client ranks; "
-                        f"use --clients >= {world.size - 1} or launch with -n {n + 1}")
+                        f"use --clients >= {world.size - 1} or launch {n + 1} ranks ({_ranks_flag(n + 1)})")
     if world.single and cfg.comm.transport != "mpi":
         raise UserError(f"--transport {cfg.comm.transport} carries tensors between MPI ranks but this run has one "
                         f"process; launch with mpiexec -n 2 or more, or drop --transport")
@@ -83,6 +84,13 @@ def num_clients(cfg: Config, world: World) -> int:
         raise UserError(f"--min-clients {cfg.comm.min_clients} exceeds the {k} clients selected per round "
                         f"({n} clients x --fraction {cfg.fed.fraction}); lower --min-clients")
     return n
+
+
+def _ranks_flag(ranks: int) -> str:
+    """How to ask for ``ranks`` ranks from the launcher this job came from."""
+    if "SLURM_JOB_ID" in os.environ:
+        return f"sbatch --ntasks={ranks}, or srun -n {ranks}"
+    return f"mpiexec -n {ranks}"
 
 
 def _new_run_dir(cfg: Config) -> Path:
@@ -115,6 +123,8 @@ def _rank0_checks(cfg: Config, world: World) -> dict:
                         f"smaller than the depth {depth} of {cfg.model.name}")
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
         raise UserError(f"model checkpoint {cfg.model.checkpoint} does not exist")
+    if cfg.model.pretrained and not cfg.model.checkpoint:
+        check_pretrained_available(cfg.model.name)  # seconds, not minutes of download retries
     if cfg.run.dry_run:
         check_dataset_files(cfg.data)
         return {"clients": n}
@@ -133,22 +143,25 @@ def _rank0_checks(cfg: Config, world: World) -> dict:
     return info
 
 
-def run_job(cfg: Config, world: World, started: float | None = None, clock: Clock | None = None) -> int:
+def run_job(cfg: Config, world: World, started: float | None = None, clock: Clock | None = None,
+            stopper: Stopper | None = None) -> int:
     """Run (or dry-run) the configured job on this rank; -> exit code (0, or EXIT_CONTINUE after a stop).
 
     ``started``: time.monotonic() when the process began, for the setup-time log line;
-    ``clock``: where the transport's time goes, when given (the benchmarks)."""
+    ``clock``: where the transport's time goes, when given (the benchmarks); ``stopper``: this
+    process's stop requests (installed by the caller), else one installed here."""
     started = time.monotonic() if started is None else started
     threading.current_thread().name = f"r{world.rank:02d}"
     setup_logging(cfg, world.rank, None)
-    # From here a SIGTERM (Slurm's time limit, preemption, srun ending a failed job) is a request to stop:
-    # the run ends after the round in progress, a failed setup ends with its own exit code.
-    stopper = Stopper(world.rank, None if world.single else world.comm.Dup(),
-                      run_deadline(cfg.run.time_budget, started) if world.rank == 0 else None).install()
+    own = stopper is None
+    stopper = stopper or Stopper(world.rank).install()
+    stopper.attach(None if world.single else world.comm.Dup(),
+                   run_deadline(cfg.run.time_budget, started) if world.rank == 0 else None)
     try:
         return _run_job(cfg, world, started, clock, stopper)
     finally:
-        stopper.close()
+        if own:
+            stopper.close()
 
 
 def _run_job(cfg: Config, world: World, started: float, clock: Clock | None, stopper: Stopper) -> int:
@@ -289,6 +302,11 @@ def _progress(cfg: Config) -> Callable[[int, dict], None]:
 
 def _build_server(cfg, model, layout, data, hosts, transport, run_dir, global_state, resume_round, device,
                   stopper=None):
+    if cfg.run.server_device == "auto" and device.type == "cpu":
+        gpus = os.environ.get("SLURM_JOB_GPUS") or os.environ.get("SLURM_STEP_GPUS")
+        log.log(logging.WARNING if gpus else logging.INFO, "the server's body runs on the CPU: no CUDA device is "
+                "usable on rank 0%s (--server-device auto; cuda makes this an error)",
+                f" although Slurm allocated GPU(s) {gpus}" if gpus else "")
     metrics = MetricsWriter(run_dir, 0, role="server", attrs=_attrs(cfg, str(device)), resume_round=resume_round)
     server = Server(cfg, model, layout, data.test, hosts, transport, algorithm=build_algorithm(cfg), device=device,
                     metrics=metrics,

@@ -83,6 +83,14 @@ class Stopper:
         if self.rank != 0 and self.comm is not None:
             self._notice = self.comm.isend(name, dest=0, tag=_NOTICE_TAG)
 
+    def attach(self, comm: Any, deadline: float | None) -> "Stopper":
+        """Set the notice communicator and the deadline once MPI and the config are set up; a
+        client rank signalled before then sends its notice now."""
+        self.comm, self.deadline = comm, deadline
+        if self.reason is not None and self.rank != 0 and comm is not None and self._notice is None:
+            self._notice = comm.isend(self.reason.split()[0], dest=0, tag=_NOTICE_TAG)
+        return self
+
     def request(self, reason: str) -> None:
         """Ask for a stop without a signal (tests, drills)."""
         self.reason = self.reason or reason
