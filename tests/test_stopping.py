@@ -96,10 +96,14 @@ def test_time_budget_stops_after_a_complete_round_and_the_same_command_continues
     stopped_at = _checkpoint_round(run_dir)
     line = capsys.readouterr().err.splitlines()[-1]
     assert main(cmd) == 0
+    capsys.readouterr()
+    assert main(cmd) == 0  # once more: a complete run has nothing to do (a requeued or repeated sweep task)
+    again = capsys.readouterr().err
     assert main(COMMON + ["--rounds", str(rounds), "--run-dir", str(whole)]) == 0
     # Assert: stopped after round 1 with one line saying how it continues; ends like the uninterrupted run
     assert stopped_at == 1, stopped_at
     assert line.startswith("[r00] stopped after round 1 of 3 (time budget") and f"--run-dir {run_dir}" in line, line
+    assert f"already completed {rounds} of {rounds} rounds; nothing to do" in again, again
     assert_continued_like_uninterrupted(run_dir, whole, rounds, ranks=2)
     events = read_events(run_dir / "metrics" / "rank00000.h5")
     assert [(r, k) for r, k, _ in events if k in ("stopped", "resume")] == [(1, "stopped"), (1, "resume")]
