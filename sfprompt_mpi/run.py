@@ -35,13 +35,18 @@ from .world import detect_world, node_memory_check
 RUN_MANAGEMENT = ("run_dir", "resume", "log_level", "dry_run", "time_budget")
 
 
-def resolve_config(argv: list[str] | None) -> Config:
+def resolve_config(argv: list[str] | None, rank: int = 0) -> Config:
     """CLI (+ --config), or for --resume the run's own config.toml with CLI flags on top.
 
     ``--run-dir DIR`` naming a run directory that holds a run of the same config
     continues it as ``--resume DIR`` would (a requeued job runs its command
-    again); one of another config is refused with one line."""
+    again); one of another config is refused with one line. Rank ``rank`` 0 warns
+    when an explicit ``--resume`` makes a ``--config`` file of no effect."""
     cfg = parse_config(argv)
+    args = build_parser().parse_args(argv)
+    if cfg.run.resume and args.config and rank == 0:
+        sys.stderr.write(f"warning: --config {args.config} is ignored with --resume: the run continues with its "
+                         f"own {Path(cfg.run.resume) / 'config.toml'} (flags given still apply)\n")
     if not cfg.run.resume and cfg.run.run_dir and (Path(cfg.run.run_dir) / "config.toml").is_file():
         _check_same_run(cfg, Path(cfg.run.run_dir))
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=cfg.run.run_dir))
@@ -52,7 +57,7 @@ def resolve_config(argv: list[str] | None) -> Config:
     if not saved.is_file():
         raise UserError(f"--resume {run_dir}: not a run directory (no config.toml)")
     values = load_toml(saved)
-    for section, flags in flags_given(build_parser().parse_args(argv)).items():
+    for section, flags in flags_given(args).items():
         values.setdefault(section, {}).update(flags)
     # how this run is managed is the command's, not the first command's (e.g. its --time-budget)
     values.setdefault("run", {}).update({k: getattr(cfg.run, k) for k in RUN_MANAGEMENT})
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None, started: float | None = None, clock: Any
         if world.rank != 0:  # only rank 0 fetches pretrained weights; the others read its cache
             os.environ["HF_HUB_OFFLINE"] = "1"
         try:
-            cfg = resolve_config(argv)
+            cfg = resolve_config(argv, world.rank)
             node_memory_check(world)
             from .runtime import run_job  # heavy imports (torch, timm) only after argument checks
             return run_job(cfg, world, started, clock, stopper)

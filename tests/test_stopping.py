@@ -163,3 +163,13 @@ def test_sigterm_to_one_client_rank_stops_the_whole_job_cleanly_and_the_same_com
     assert f"resuming {run_dir} after round {stopped_at}" in resumed.output, resumed.report()
     assert main(COMMON + ["--rounds", str(rounds), "--run-dir", str(whole)]) == 0
     assert_continued_like_uninterrupted(run_dir, whole, rounds, ranks=3)
+
+
+def test_an_explicit_resume_says_that_it_ignores_config(tmp_path, capsys):
+    from sfprompt_mpi.run import resolve_config
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text(parse_config(COMMON + ["--rounds", "3"]).to_toml())
+    cfg = resolve_config(["--config", "configs/offline.toml", "--resume", str(run_dir)])
+    assert cfg.fed.rounds == 3
+    assert "warning: --config configs/offline.toml is ignored with --resume" in capsys.readouterr().err
