@@ -240,11 +240,11 @@ def test_single_node_trains_and_writes_run_dir(cluster, tmp_path):
 
 # --- time limits and preemption: stop after a round, requeue, continue -------
 
-# Short rounds (1-3 s on 2 cores), more than a one-minute job holds even on an idle machine. Slurm starts a
-# requeued job no sooner than 2 minutes later (its BeginTime), so each test takes 4-6 minutes.
-ROUNDS = 40
-STOP_ARGS = (f"--server-device cpu --server-batch 1 --rounds {ROUNDS} --seed 3 --max-train-samples 400 "
-             "--max-test-samples 200")
+# Rounds of 3-8 s on 2 cores (idle to loaded): 20 of them and the setup (12-40 s) are more than a one-minute
+# job holds even on an idle machine. Slurm starts a requeued job no sooner than 2 minutes later (its
+# BeginTime), so each test takes 4-8 minutes.
+ROUNDS = 20
+STOP_ARGS = f"--server-device cpu --server-batch 1 --rounds {ROUNDS} --seed 3 --max-test-samples 200"
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +271,7 @@ def _assert_requeued_and_continued(cluster: SlurmCluster, job_id: int, tmp_path:
 @pytest.mark.slurm
 def test_wall_time_limit_stops_after_a_round_requeues_and_ends_like_an_uninterrupted_run(
         cluster, tmp_path, uninterrupted):
-    # Prepare: 40 rounds plus the setup do not fit in the job's one minute
+    # Prepare: 20 rounds plus the setup do not fit in the job's one minute
     env = job_env(EXTRA_ARGS=STOP_ARGS)
     # Execute: the run reads the job's end time (--time-budget's default), stops, the script requeues;
     # then, as an administrator might, give the requeued job time enough to finish (one requeue, not five)
