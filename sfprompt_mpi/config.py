@@ -116,6 +116,8 @@ class RunConfig:
     log_level: str = _f("", "log level (default: INFO on rank 0, WARNING elsewhere)", ("", "DEBUG", "INFO", "WARNING", "ERROR"))
     dry_run: bool = _f(False, "validate config and world size, print the plan, and exit")
     eval_every: int = _f(1, "evaluate the global model every this many rounds (and after the last)")
+    time_budget: float = _f(0.0, "seconds this process may run: no round starts that would end later "
+                            "(0: the Slurm job's end time under Slurm, else none; < 0: none)")
     inject_fault: str = _f("", "for tests and drills: KIND@rank:R,round:K with KIND one of " + ", ".join(FAULTS))
 
 

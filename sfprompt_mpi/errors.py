@@ -28,3 +28,8 @@ class RunStopped(Exception):
     left waiting). The completed rounds stay in the checkpoint and the HDF5
     files, so the run can be continued with ``--resume``.
     """
+
+
+EXIT_CONTINUE = 4
+"""Exit code of a run that stopped cleanly to be continued (a signal, or its time budget): every
+rank exits with it after the round in progress is checkpointed; the job scripts requeue on it."""

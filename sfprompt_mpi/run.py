@@ -19,24 +19,43 @@ import time
 _STARTED = time.monotonic()  # before anything heavy is imported
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .cli import Where, main_guard
 from .errors import UserError
+from .stopping import Stopper
 from .world import detect_world, node_memory_check
 
 if TYPE_CHECKING:
     from .config import Config
 
 
-def resolve_config(argv: list[str] | None) -> Config:
-    """CLI (+ --config), or for --resume the run's own config.toml with CLI flags on top."""
+#: Settings that say how a run is managed, not what it computes: a run continued with other values
+#: of these is still the same run.
+RUN_MANAGEMENT = ("run_dir", "resume", "log_level", "dry_run", "time_budget")
+
+
+def resolve_config(argv: list[str] | None, rank: int = 0) -> Config:
+    """CLI (+ --config), or for --resume the run's own config.toml with CLI flags on top.
+
+    ``--run-dir DIR`` naming a run directory that holds a run of the same config
+    continues it as ``--resume DIR`` would (a requeued job runs its command
+    again); one of another config is refused with one line. Rank ``rank`` 0 warns
+    when an explicit ``--resume`` makes a ``--config`` file of no effect."""
     # imported here so that MPI starts (detect_world) before argparse and the config machinery load
     from .config import build_parser, config_from_dict, flags_given, load_toml, parse_config
     cfg = parse_config(argv)
+    args = build_parser().parse_args(argv)
+    if cfg.run.resume and args.config and rank == 0:
+        sys.stderr.write(f"warning: --config {args.config} is ignored with --resume: the run continues with its "
+                         f"own {Path(cfg.run.resume) / 'config.toml'} (flags given still apply)\n")
+    if not cfg.run.resume and cfg.run.run_dir and (Path(cfg.run.run_dir) / "config.toml").is_file():
+        _check_same_run(cfg, Path(cfg.run.run_dir))
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=cfg.run.run_dir))
     if not cfg.run.resume:
         return cfg
     run_dir = Path(cfg.run.resume)
@@ -44,10 +63,24 @@ def resolve_config(argv: list[str] | None) -> Config:
     if not saved.is_file():
         raise UserError(f"--resume {run_dir}: not a run directory (no config.toml)")
     values = load_toml(saved)
-    for section, flags in flags_given(build_parser().parse_args(argv)).items():
+    for section, flags in flags_given(args).items():
         values.setdefault(section, {}).update(flags)
-    values.setdefault("run", {}).update(resume=str(run_dir), run_dir=str(run_dir))
+    # how this run is managed is the command's, not the first command's (e.g. its --time-budget)
+    values.setdefault("run", {}).update({k: getattr(cfg.run, k) for k in RUN_MANAGEMENT})
+    values["run"].update(resume=str(run_dir), run_dir=str(run_dir))
     return dataclasses.replace(config_from_dict(values), given=cfg.given)
+
+
+def _check_same_run(cfg: Config, run_dir: Path) -> None:
+    """Refuse, with one line, to continue ``run_dir`` with a config other than its own."""
+    from .config import config_from_dict, load_toml
+    saved = config_from_dict(load_toml(run_dir / "config.toml")).to_dict()
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            if key not in RUN_MANAGEMENT and saved[section][key] != value:
+                raise UserError(f"run directory {run_dir} holds a run of another config ({section}.{key} is "
+                                f"{saved[section][key]!r} there, {value!r} here); continue it with --resume "
+                                f"{run_dir} (its own config.toml, flags on top) or choose another --run-dir")
 
 
 def main(argv: list[str] | None = None, started: float | None = None, clock: Any = None) -> int:
@@ -59,10 +92,18 @@ def main(argv: list[str] | None = None, started: float | None = None, clock: Any
     def job(argv: list[str] | None) -> int:
         world = detect_world()
         where.rank, where.mpi = world.rank, not world.single
-        cfg = resolve_config(argv)
-        node_memory_check(world)
-        from .runtime import run_job  # heavy imports (torch, timm) only after argument checks
-        return run_job(cfg, world, started, clock)
+        # From here SIGTERM/SIGUSR1 ask the run to stop after its round in progress (stopping.py); a
+        # rank that fails meanwhile ends with its own exit code, not 143 when srun signals the others.
+        stopper = Stopper(world.rank).install()
+        if world.rank != 0:  # only rank 0 fetches pretrained weights; the others read its cache
+            os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            cfg = resolve_config(argv, world.rank)
+            node_memory_check(world)
+            from .runtime import run_job  # heavy imports (torch, timm) only after argument checks
+            return run_job(cfg, world, started, clock, stopper)
+        finally:
+            stopper.close()
 
     return main_guard(job, argv, where)
 

@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -28,7 +29,7 @@ from .comm.wrappers import Clock, wrap_transport
 from .config import Config, clients_per_round, flag_of, parse_fault
 from .data.datasets import FedData, build_data, check_dataset_files, prepare_dataset
 from .data.partition import partition_indices
-from .errors import UserError
+from .errors import EXIT_CONTINUE, UserError
 from .fed.checkpoint import check_compatible, load_checkpoint
 from .fed.client import ClientHost
 from .fed.server import Server
@@ -38,7 +39,9 @@ from .metrics.h5 import MetricsWriter, link_rank_files
 from .algorithms import build_algorithm
 from .model.split import apply_client_cut, freeze_except
 from .model.vit import build_backbone
+from .model.weights import check_pretrained_available
 from .node import wait_policy
+from .stopping import Stopper, run_deadline
 from .world import World, client_hosts, set_threads, setup_logging
 
 log = logging.getLogger("sfprompt_mpi")
@@ -66,7 +69,7 @@ def num_clients(cfg: Config, world: World) -> int:
     n = cfg.fed.clients or (4 if world.single else world.size - 1)
     if not world.single and n < world.size - 1:
         raise UserError(f"--clients {n} is smaller than the {world.size - 1} client ranks; "
-                        f"use --clients >= {world.size - 1} or launch with -n {n + 1}")
+                        f"use --clients >= {world.size - 1} or launch {n + 1} ranks ({_ranks_flag(n + 1)})")
     if world.single and cfg.comm.transport != "mpi":
         raise UserError(f"--transport {cfg.comm.transport} carries tensors between MPI ranks but this run has one "
                         f"process; launch with mpiexec -n 2 or more, or drop --transport")
@@ -81,6 +84,13 @@ def num_clients(cfg: Config, world: World) -> int:
         raise UserError(f"--min-clients {cfg.comm.min_clients} exceeds the {k} clients selected per round "
                         f"({n} clients x --fraction {cfg.fed.fraction}); lower --min-clients")
     return n
+
+
+def _ranks_flag(ranks: int) -> str:
+    """How to ask for ``ranks`` ranks from the launcher this job came from."""
+    if "SLURM_JOB_ID" in os.environ:
+        return f"sbatch --ntasks={ranks}, or srun -n {ranks}"
+    return f"mpiexec -n {ranks}"
 
 
 def _new_run_dir(cfg: Config) -> Path:
@@ -113,6 +123,8 @@ def _rank0_checks(cfg: Config, world: World) -> dict:
                         f"smaller than the depth {depth} of {cfg.model.name}")
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
         raise UserError(f"model checkpoint {cfg.model.checkpoint} does not exist")
+    if cfg.model.pretrained and not cfg.model.checkpoint:
+        check_pretrained_available(cfg.model.name)  # seconds, not minutes of download retries
     if cfg.run.dry_run:
         check_dataset_files(cfg.data)
         return {"clients": n}
@@ -122,21 +134,37 @@ def _rank0_checks(cfg: Config, world: World) -> dict:
     info: dict[str, Any] = {"clients": n, "start_round": 1, "resume_round": None}
     if cfg.run.resume:
         run_dir = Path(cfg.run.resume)
-        _, state = load_checkpoint(run_dir / "checkpoint")
-        info.update(run_dir=str(run_dir), start_round=int(state["round"]) + 1, resume_round=int(state["round"]))
+        done = 0  # a run stopped (or killed) before its first checkpoint starts afresh in its own directory
+        if (run_dir / "checkpoint").exists() or not (run_dir / "config.toml").is_file():
+            done = int(load_checkpoint(run_dir / "checkpoint")[1]["round"])
+        info.update(run_dir=str(run_dir), start_round=done + 1, resume_round=done)
     else:
         info["run_dir"] = str(_new_run_dir(cfg))
     return info
 
 
-def run_job(cfg: Config, world: World, started: float | None = None, clock: Clock | None = None) -> int:
-    """Run (or dry-run) the configured job on this rank; -> exit code.
+def run_job(cfg: Config, world: World, started: float | None = None, clock: Clock | None = None,
+            stopper: Stopper | None = None) -> int:
+    """Run (or dry-run) the configured job on this rank; -> exit code (0, or EXIT_CONTINUE after a stop).
 
     ``started``: time.monotonic() when the process began, for the setup-time log line;
-    ``clock``: where the transport's time goes, when given (the benchmarks)."""
+    ``clock``: where the transport's time goes, when given (the benchmarks); ``stopper``: this
+    process's stop requests (installed by the caller), else one installed here."""
     started = time.monotonic() if started is None else started
     threading.current_thread().name = f"r{world.rank:02d}"
     setup_logging(cfg, world.rank, None)
+    own = stopper is None
+    stopper = stopper or Stopper(world.rank).install()
+    stopper.attach(None if world.single else world.comm.Dup(),
+                   run_deadline(cfg.run.time_budget, started) if world.rank == 0 else None)
+    try:
+        return _run_job(cfg, world, started, clock, stopper)
+    finally:
+        if own:
+            stopper.close()
+
+
+def _run_job(cfg: Config, world: World, started: float, clock: Clock | None, stopper: Stopper) -> int:
     if world.rank == 0:
         _warn_ignored(cfg)
     info = _bcast(world, _agree(world, lambda: _rank0_checks(cfg, world) if world.rank == 0 else None))
@@ -147,15 +175,18 @@ def run_job(cfg: Config, world: World, started: float | None = None, clock: Cloc
         if world.rank == 0:
             print(describe_plan(cfg, hosts, world.size, threads))
         return 0
+    start, resume_round, run_dir = info["start_round"], info["resume_round"], Path(info["run_dir"])
+    if start > cfg.fed.rounds:
+        log.info("run %s already completed %d of %d rounds; nothing to do", run_dir, start - 1, cfg.fed.rounds)
+        return 0
 
     data: FedData = _agree(world, lambda: build_data(cfg.data, _image_size(cfg), cfg.run.seed))
     algo = build_algorithm(cfg)
     model = _agree(world, lambda: algo.build_model(data.num_classes, quiet=world.rank != 0))
     layout = Layout(model, algo.trained_names(model))
     freeze_except(model, set(layout.names))
-    global_state = _agree(world, lambda: _load_global(cfg, layout, model) if world.rank == 0 and cfg.run.resume else None)
+    global_state = _agree(world, lambda: _load_global(cfg, layout, model) if world.rank == 0 and resume_round else None)
 
-    run_dir = Path(info["run_dir"])
     if world.rank == 0:
         (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
         if not cfg.run.resume:
@@ -163,10 +194,6 @@ def run_job(cfg: Config, world: World, started: float | None = None, clock: Cloc
     if world.comm is not None and world.size > 1:
         world.comm.Barrier()
     setup_logging(cfg, world.rank, run_dir / "logs")
-    start, resume_round = info["start_round"], info["resume_round"]
-    if start > cfg.fed.rounds:
-        log.info("run %s already completed %d of %d rounds; nothing to do", run_dir, start - 1, cfg.fed.rounds)
-        return 0
     if resume_round is not None:
         log.info("resuming %s after round %d", run_dir, resume_round)
 
@@ -178,10 +205,13 @@ def run_job(cfg: Config, world: World, started: float | None = None, clock: Cloc
              "%d torch thread(s) each, %s", time.monotonic() - started, world.size, node.local_size, node.cpus,
              threads, wait_policy(node))
     if world.single:
-        run_reference(cfg, model, layout, data, hosts, run_dir, global_state, start, resume_round, clock=clock)
+        server, _ = run_reference(cfg, model, layout, data, hosts, run_dir, global_state, start, resume_round,
+                                  clock=clock, stopper=stopper)
+        stopped = server.stopped
     else:
-        _run_mpi(cfg, world, model, layout, data, hosts, run_dir, global_state, start, resume_round, clock)
-    return 0
+        stopped = _run_mpi(cfg, world, model, layout, data, hosts, run_dir, global_state, start, resume_round,
+                           clock, stopper)
+    return EXIT_CONTINUE if stopped is not None else 0
 
 
 def _wrap(cfg: Config, raw: Transport, clock: Clock | None = None) -> Transport:
@@ -270,11 +300,17 @@ def _progress(cfg: Config) -> Callable[[int, dict], None]:
     return report
 
 
-def _build_server(cfg, model, layout, data, hosts, transport, run_dir, global_state, resume_round, device):
+def _build_server(cfg, model, layout, data, hosts, transport, run_dir, global_state, resume_round, device,
+                  stopper=None):
+    if cfg.run.server_device == "auto" and device.type == "cpu":
+        gpus = os.environ.get("SLURM_JOB_GPUS") or os.environ.get("SLURM_STEP_GPUS")
+        log.log(logging.WARNING if gpus else logging.INFO, "the server's body runs on the CPU: no CUDA device is "
+                "usable on rank 0%s (--server-device auto; cuda makes this an error)",
+                f" although Slurm allocated GPU(s) {gpus}" if gpus else "")
     metrics = MetricsWriter(run_dir, 0, role="server", attrs=_attrs(cfg, str(device)), resume_round=resume_round)
     server = Server(cfg, model, layout, data.test, hosts, transport, algorithm=build_algorithm(cfg), device=device,
                     metrics=metrics,
-                    run_dir=str(run_dir), on_round=_progress(cfg))
+                    run_dir=str(run_dir), on_round=_progress(cfg), stopper=stopper)
     if global_state is not None:
         server.load_state(global_state)
     return server, metrics
@@ -292,17 +328,19 @@ def _build_host(cfg, rank, model, layout, data, hosts, transport, run_dir, resum
 
 
 def run_reference(cfg, model, layout, data, hosts, run_dir, global_state=None, start=1,
-                  resume_round=None, clock: Clock | None = None) -> tuple[Server, ClientHost]:
-    """Server and one client host as two threads over the loopback transport; -> both, finished.
+                  resume_round=None, clock: Clock | None = None,
+                  stopper: Stopper | None = None) -> tuple[Server, ClientHost]:
+    """Server and one client host as two threads over the loopback transport; -> both, finished
+    (or stopped early: ``server.stopped``).
 
-    ``clock`` (optional) times the server's end of the transport."""
+    ``clock`` (optional) times the server's end of the transport; ``stopper`` asks it to stop early."""
     import copy
     hub = LoopbackHub(2)
     device = _server_device(cfg)
     host, host_metrics = _build_host(cfg, 1, copy.deepcopy(model), layout, data, hosts, _wrap(cfg, hub.endpoint(1)),
                                      run_dir, resume_round)
     server, metrics = _build_server(cfg, model, layout, data, hosts, _wrap(cfg, hub.endpoint(0), clock), run_dir,
-                                    global_state, resume_round, device)
+                                    global_state, resume_round, device, stopper)
     failures: list[BaseException] = []
 
     def host_main() -> None:
@@ -333,7 +371,8 @@ def run_reference(cfg, model, layout, data, hosts, run_dir, global_state=None, s
 
 
 def _run_mpi(cfg, world, model, layout, data, hosts, run_dir, global_state, start, resume_round,
-             clock: Clock | None = None) -> None:
+             clock: Clock | None = None, stopper: Stopper | None = None) -> tuple[int, str] | None:
+    """This rank's part of the MPI run; -> on every rank, where and why the run stopped early, or None."""
     from .comm import build_transport
     device = _server_device(cfg) if world.rank == 0 else torch.device("cpu")
     raw = _agree(world, lambda: build_transport(cfg.comm.transport, world.comm, device, world.node))
@@ -341,24 +380,36 @@ def _run_mpi(cfg, world, model, layout, data, hosts, run_dir, global_state, star
     try:
         if world.rank == 0:
             server, metrics = _build_server(cfg, model, layout, data, hosts, transport, run_dir, global_state,
-                                            resume_round, device)
+                                            resume_round, device, stopper)
             try:
                 server.run(start)
             finally:
                 metrics.close()
             link_rank_files(run_dir, world.size)
             _summary(cfg, server, run_dir)
+            stopped = server.stopped
         else:
             host, metrics = _build_host(cfg, world.rank, model, layout, data, hosts, transport, run_dir, resume_round)
             try:
                 host.serve()
             finally:
                 metrics.close()
+            stopped = None
     finally:
         transport.close()
+    # Every rank learns the outcome from rank 0, after rank 0 has written everything: all exit alike
+    # (srun --kill-on-bad-exit ends the others as soon as one rank exits non-zero).
+    return world.comm.bcast(stopped, root=0)
 
 
 def _summary(cfg: Config, server: Server, run_dir: Path) -> None:
+    if server.stopped is not None:
+        done, why = server.stopped
+        sys.stderr.write(f"[r00] stopped after round {done} of {cfg.fed.rounds} ({why}); the checkpoint holds "
+                         f"round {done}. The same command continues it (--run-dir {run_dir}), as does "
+                         f"--resume {run_dir}; a job script requeues itself on exit code {EXIT_CONTINUE}\n")
+        sys.stderr.flush()
+        return
     last = next((h for h in reversed(server.history) if "test_acc" in h), None)
     acc = f"{last['test_acc']:.4f}" if last else "n/a"
     log.info("done: %d rounds, final test accuracy %s; run directory %s", cfg.fed.rounds, acc, run_dir)

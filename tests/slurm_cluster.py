@@ -35,6 +35,7 @@ with the tails of the daemons' logs.
 from __future__ import annotations
 
 import os
+import random
 import pwd
 import re
 import shutil
@@ -291,6 +292,9 @@ MpiDefault=pmi2
 SlurmdParameters=config_overrides
 ReturnToService=2
 MinJobAge=3600
+# Job ids of their own: MPICH names its shared-memory segments after the PMI job, so two test
+# clusters on one host that both run a job 1 would collide in /dev/shm ("Out of memory" at MPI_Init).
+FirstJobId={random.randrange(10_000, 60_000_000)}
 KillWait=5
 MailProg=/bin/true
 SchedulerType=sched/backfill

@@ -192,3 +192,25 @@ def test_missing_cuda_is_refused_before_anything_is_written_or_started(capsys, t
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "no CUDA device" in err[0], err
     assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_pretrained_weights_neither_cached_nor_reachable_fail_in_seconds_even_for_a_dry_run(tmp_path):
+    # Prepare: an empty Hugging Face cache and a hub that refuses connections (a node without internet)
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="https://127.0.0.1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "sfprompt_mpi.run", "--dry-run", "--server-device", "cpu", "--pretrained",
+           "--model", "vit_tiny_patch16_224.augreg_in21k"]
+    # Execute
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    # Assert: one line naming the cache and the unreachable hub, exit 2, not minutes of retries
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "neither cached" in lines[0] and "127.0.0.1" in lines[0] and "--checkpoint" in lines[0], lines[0]
+
+
+def test_advice_on_the_number_of_ranks_fits_the_launcher(monkeypatch):
+    from sfprompt_mpi.runtime import _ranks_flag
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    assert _ranks_flag(5).startswith("sbatch --ntasks=5")
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert _ranks_flag(5) == "mpiexec -n 5"

@@ -338,24 +338,6 @@ def test_too_few_survivors_stop_the_run_with_one_line_after_the_retries(tmp_path
 # ------------------------------------------------------------ kill -9 and resume
 
 
-def _rank_pid(launcher: int, rank: int) -> int | None:
-    """The pid of MPI rank ``rank`` among the descendants of process ``launcher`` (mpiexec)."""
-    parent, env = {}, {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                env[int(entry.name)] = (entry / "environ").read_bytes().split(b"\0")
-            except (OSError, ValueError, IndexError):
-                continue
-    family, grew = {launcher}, True
-    while grew:
-        kids = {p for p, pp in parent.items() if pp in family} - family
-        family |= kids
-        grew = bool(kids)
-    return next((p for p in sorted(family) if f"PMI_RANK={rank}".encode() in env.get(p, [])), None)
-
-
 def _checkpoint_round(run_dir: Path) -> int:
     import json
     try:
@@ -377,7 +359,7 @@ def test_kill_9_of_a_client_rank_ends_the_job_and_resume_ends_like_an_uninterrup
         deadline = time.monotonic() + 120
         while _checkpoint_round(run_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        victim = _rank_pid(proc.pid, 1)
+        victim = helpers.rank_pid(proc.pid, 1)
         assert victim is not None and proc.poll() is None, "the job ended or never reached round 2"
         os.kill(victim, signal.SIGKILL)
         killed_at, done_before = time.monotonic(), _checkpoint_round(run_dir)

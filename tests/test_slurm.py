@@ -110,6 +110,51 @@ def test_default_shape_is_accepted(cluster, tmp_path, script):
     assert "to start at" in answer
 
 
+@pytest.mark.slurm
+def test_cpu_only_shape_with_gres_none_is_accepted(cluster, tmp_path):
+    answer = cluster.test_only(JOBS / "single_node.sbatch", env=job_env(), args=[*SITE, "--gres=none"], cwd=tmp_path)
+    assert "to start at" in answer
+
+
+def test_array_sweep_listing_prints_the_settings_that_produced_it():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(DATASETS="digits", SEEDS="0 1")
+    proc = subprocess.run(["bash", str(JOBS / "array_sweep.sbatch")], capture_output=True, text=True,
+                          env=env, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert 'tasks: DATASETS="digits" SEEDS="0 1" sbatch --array=0-31 jobs/array_sweep.sbatch' in proc.stdout
+
+
+def _fails_at_once(cluster: SlurmCluster, script: str, tmp_path: Path, args: list[str], env: dict[str, str],
+                   needle: str) -> str:
+    job_id = cluster.submit(JOBS / script, env=env, args=[*SITE, *args], cwd=tmp_path)
+    (info,) = cluster.wait(job_id, timeout=JOB_TIMEOUT)[:1]
+    output = cluster.job_output(info)
+    assert info.state == "FAILED" and info.exit_code == "2:0", f"{info.state} {info.exit_code}\n{output}"
+    assert needle in output and "Traceback" not in output and "sfprompt_mpi.analyze" not in output, output
+    return output
+
+
+@pytest.mark.slurm
+def test_an_interpreter_without_the_package_is_one_line_and_exit_2(cluster, tmp_path):
+    _fails_at_once(cluster, "single_node.sbatch", tmp_path, ["--ntasks=2"],
+                   job_env(PYTHON="/usr/bin/python3", EXTRA_ARGS=DRY), "or set PYTHON=")
+
+
+@pytest.mark.slurm
+def test_a_user_error_ends_the_job_with_2_whichever_rank_srun_signals_first(cluster, tmp_path):
+    # srun --kill-on-bad-exit sends SIGTERM to the ranks still running once one exits 2: each still exits 2
+    _fails_at_once(cluster, "single_node.sbatch", tmp_path, ["--ntasks=3"],
+                   job_env(EXTRA_ARGS="--server-device cpu --keep-ratio 0"), "error: ")
+
+
+@pytest.mark.slurm
+def test_a_sweep_without_a_paper_config_suggests_config(cluster, tmp_path):
+    env = job_env(EXTRA_ARGS=DRY, DATASETS="digits", ALGOS="sfprompt", SEEDS="0")
+    del env["CONFIG"]
+    _fails_at_once(cluster, "array_sweep.sbatch", tmp_path, ["--array=0", "--ntasks=2"], env, "set CONFIG=")
+
+
 # --- every script's command passes --dry-run under the real Slurm ------------
 
 DRY_RUNS = {
@@ -133,10 +178,10 @@ def test_dry_run_through_slurm(cluster, tmp_path, case):
     env = job_env(**{"EXTRA_ARGS": DRY, **extra_env})
     # Execute
     outputs = run_job(cluster, script, tmp_path, [*SITE, *args], env)
-    # Assert: rank 0 printed the plan for the whole world, and the script its analyze line.
+    # Assert: rank 0 printed the plan for the whole world; no analyze line for a run directory never made.
     for out in outputs:
         assert "dry run: config and world size are valid" in out, out
-        assert "python -m sfprompt_mpi.analyze" in out, out
+        assert "python -m sfprompt_mpi.analyze" not in out, out
     if case == "array_sweep":
         assert len(outputs) == 2
         text = "".join(outputs)
@@ -191,3 +236,70 @@ def test_single_node_trains_and_writes_run_dir(cluster, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- time limits and preemption: stop after a round, requeue, continue -------
+
+# Rounds of 3-8 s on 2 cores (idle to loaded): 20 of them and the setup (12-40 s) are more than a one-minute
+# job holds even on an idle machine. Slurm starts a requeued job no sooner than 2 minutes later (its
+# BeginTime), so each test takes 4-8 minutes.
+ROUNDS = 20
+STOP_ARGS = f"--server-device cpu --server-batch 1 --rounds {ROUNDS} --seed 3 --max-test-samples 200"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The run of STOP_ARGS in one process, uninterrupted: what every stopped and requeued job must end as."""
+    from sfprompt_mpi.run import main
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert main(["--config", str(OFFLINE), "--threads", "1", "--run-dir", str(run_dir), *STOP_ARGS.split()]) == 0
+    return run_dir
+
+
+def _assert_requeued_and_continued(cluster: SlurmCluster, job_id: int, tmp_path: Path, whole: Path) -> str:
+    """The job completed after at least one requeue and ends bitwise as ``whole``; -> its output."""
+    from test_stopping import assert_continued_like_uninterrupted
+    (info,) = cluster.wait(job_id, timeout=900)
+    output = cluster.job_output(info)
+    assert info.state == "COMPLETED" and info.exit_code == "0:0", f"{info.state} {info.exit_code}\n{output}"
+    assert int(info.fields.get("Restarts", 0)) >= 1, output
+    assert "stopped after round" in output and "Traceback" not in output, output
+    assert_continued_like_uninterrupted(tmp_path / "runs" / str(job_id), whole, ROUNDS, ranks=3)
+    return output
+
+
+@pytest.mark.slurm
+def test_wall_time_limit_stops_after_a_round_requeues_and_ends_like_an_uninterrupted_run(
+        cluster, tmp_path, uninterrupted):
+    # Prepare: 20 rounds plus the setup do not fit in the job's one minute
+    env = job_env(EXTRA_ARGS=STOP_ARGS)
+    # Execute: the run reads the job's end time (--time-budget's default), stops, the script requeues;
+    # then, as an administrator might, give the requeued job time enough to finish (one requeue, not five)
+    job_id = cluster.submit(JOBS / "single_node.sbatch", env=env, cwd=tmp_path,
+                            args=[*SITE, "--ntasks=3", "--time=1"])
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and int(cluster.job(job_id)[0].fields.get("Restarts", 0)) < 1:
+        time.sleep(1)
+    cluster._client(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"])
+    output = _assert_requeued_and_continued(cluster, job_id, tmp_path, uninterrupted)
+    # Assert: it stopped on its own, on the time budget, and said how it continues
+    assert "(time budget:" in output and "requeueing job" in output, output
+    assert "analyze it with:" in output.split("requeueing job")[-1], output
+
+
+@pytest.mark.slurm
+def test_scontrol_requeue_mid_round_stops_requeues_and_ends_like_an_uninterrupted_run(
+        cluster, tmp_path, uninterrupted):
+    # Prepare
+    env = job_env(EXTRA_ARGS=STOP_ARGS)
+    job_id = cluster.submit(JOBS / "single_node.sbatch", env=env, args=[*SITE, "--ntasks=3"], cwd=tmp_path)
+    state = tmp_path / "runs" / str(job_id) / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (state.is_file() and '"round": 2' in state.read_text()):
+        time.sleep(0.2)
+    assert state.is_file(), cluster.job_output(cluster.job(job_id)[0])
+    # Execute: what an administrator or a preempting job does, mid-round
+    cluster._client(["scontrol", "requeue", str(job_id)])
+    # Assert
+    output = _assert_requeued_and_continued(cluster, job_id, tmp_path, uninterrupted)
+    assert "SIGTERM to rank" in output, output

@@ -25,6 +25,7 @@ from ..comm.protocol import Kind, Transport, wire_dtype
 from ..config import Config, clients_per_round
 from ..errors import RunStopped
 from ..model.split import PromptedViT
+from ..stopping import Stopper
 from .aggregate import Updates
 from .checkpoint import save_checkpoint
 from .checks import Expected
@@ -48,7 +49,7 @@ class Server:
     def __init__(self, cfg: Config, model: PromptedViT, layout: Layout, test: Dataset,
                  hosts: dict[int, list[int]], transport: Transport, *, algorithm: Algorithm | None = None,
                  device: torch.device | str = "cpu", metrics: Any = None, run_dir: str | None = None,
-                 on_round: Callable[[int, dict], None] | None = None) -> None:
+                 on_round: Callable[[int, dict], None] | None = None, stopper: Stopper | None = None) -> None:
         self.cfg = cfg
         self.algorithm = algorithm or build_algorithm(cfg)
         self.device = torch.device(device)
@@ -70,6 +71,10 @@ class Server:
                                    self._event)
         #: The round started last: (round, selected clients, its global vector, when it started).
         self.started: tuple[int, list[int], torch.Tensor, float] | None = None
+        #: Asked before each round starts whether to stop instead (a signal, the time budget).
+        self.stopper = stopper or Stopper()
+        #: (last completed round, why) when the run stopped early to be continued, else None.
+        self.stopped: tuple[int, str] | None = None
 
     # -- whole run -----------------------------------------------------------------
     def run(self, start_round: int = 1) -> None:
@@ -81,8 +86,13 @@ class Server:
         """
         last = self.cfg.fed.rounds
         try:
-            for rnd in range(start_round, last + 1):
+            why = self._stop_before(start_round) if start_round <= last else None
+            if why is not None:
+                self.stopped = (start_round - 1, why)
+            for rnd in range(start_round, last + 1 if why is None else start_round):
                 self.run_round(rnd, start_next=rnd < last)
+                if self.stopped is not None:
+                    break
         finally:
             for rank in self.hosts:
                 self.transport.send(rank, Kind.STOP)
@@ -103,7 +113,12 @@ class Server:
         self.layout.write(self.model, self.global_state)
         counts = self.transport.counter.snapshot_and_reset()  # before the next round's messages
         if start_next:
-            self._start(rnd + 1)
+            why = self._stop_before(rnd + 1, time.perf_counter() - t_round)
+            if why is None:
+                self._start(rnd + 1)
+            else:
+                self.stopped = (rnd, why)
+                self._event(rnd, "stopped", f"stopped after round {rnd} to be continued: {why}")
         served = attempt.served()
         row: dict[str, Any] = {"selected": np.array(order, dtype=np.float64),
                                "agg_weights": np.array(weights, dtype=np.float64) / max(sum(weights), 1),
@@ -140,6 +155,12 @@ class Server:
         with torch.no_grad():
             for n in self.body_names:
                 params[n].copy_(tensors[n])
+
+    def _stop_before(self, rnd: int, running_s: float = 0.0) -> str | None:
+        """Why round ``rnd`` should not start (a stop request, the time budget), or None.
+        ``running_s``: how long the round in progress has run so far."""
+        longest = max([running_s, *(h["round_s"] for h in self.history)])
+        return self.stopper.stop_before(rnd, longest)
 
     # -- starting and retrying ----------------------------------------------------------
     def _start(self, rnd: int) -> None:

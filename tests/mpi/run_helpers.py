@@ -76,6 +76,24 @@ def run_bounded(cmd: list[str], timeout: float = LAUNCH_TIMEOUT_S, env: dict[str
     return Launch(cmd, proc.returncode, out, time.perf_counter() - t0)
 
 
+def rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of MPI rank ``rank`` among the descendants of process ``launcher`` (mpiexec)."""
+    parent, env = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                env[int(entry.name)] = (entry / "environ").read_bytes().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+    family, grew = {launcher}, True
+    while grew:
+        kids = {p for p, pp in parent.items() if pp in family} - family
+        family |= kids
+        grew = bool(kids)
+    return next((p for p in sorted(family) if f"PMI_RANK={rank}".encode() in env.get(p, [])), None)
+
+
 def _run_without(round_client: str, argv: list[str]) -> int:
     """The reference run with one client dropped from one round's selection."""
     import sfprompt_mpi.fed.server as server
