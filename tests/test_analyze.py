@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +170,22 @@ def test_sparse_evaluation_counts_every_round(tmp_path):
 
     assert summary["rounds_completed"] == 3
     assert (summary["best_acc"], summary["best_round"]) == (pytest.approx(0.6), 3)
+
+
+def test_the_sweeps_compare_command_works_again_after_its_first_comparison(tmp_path):
+    # jobs/array_sweep.sbatch prints `analyze $root/[0-9]*-seed*`: the comparison it writes into the
+    # sweep folder (compare-...) must not be taken for a task directory the second time.
+    from sfprompt_mpi.run import main as run_main
+    root = tmp_path / "sweep"
+    for task, seed in ((0, 0), (1, 1)):
+        assert run_main(["--clients", "2", "--rounds", "1", "--max-train-samples", "40", "--max-test-samples", "20",
+                         "--threads", "1", "--no-pretrained", "--seed", str(seed),
+                         "--run-dir", str(root / f"{task}-digits-iid-sfprompt-seed{seed}")]) == 0
+    line = next(l for l in (Path(__file__).parents[1] / "jobs" / "array_sweep.sbatch").read_text().splitlines()
+                if "compare the sweep:" in l)
+    pattern = line.split("analyze ")[1].rstrip('"').replace("$root", str(root))
+    command = f"{sys.executable} -m sfprompt_mpi.analyze {pattern}"
+    for attempt in (1, 2):
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (attempt, done.stderr)
+    assert any(p.name.startswith("compare-") for p in root.iterdir())

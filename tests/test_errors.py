@@ -214,3 +214,14 @@ def test_advice_on_the_number_of_ranks_fits_the_launcher(monkeypatch):
     assert _ranks_flag(5).startswith("sbatch --ntasks=5")
     monkeypatch.delenv("SLURM_JOB_ID")
     assert _ranks_flag(5) == "mpiexec -n 5"
+
+
+def test_a_server_without_the_gpus_slurm_allocated_says_it_runs_on_the_cpu(tmp_path, capsys, monkeypatch):
+    # --server-device auto falls back to the CPU without a word unless told: with GPUs allocated it warns.
+    monkeypatch.setenv("SLURM_JOB_GPUS", "0")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    flags = ["--clients", "2", "--rounds", "1", "--max-train-samples", "40", "--max-test-samples", "20",
+             "--threads", "1", "--no-pretrained", "--run-dir", str(tmp_path / "run")]
+    assert main(flags) == 0
+    err = capsys.readouterr().err
+    assert "the server's body runs on the CPU: no CUDA device is usable on rank 0 although Slurm allocated GPU(s) 0" in err
