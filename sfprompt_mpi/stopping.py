@@ -118,9 +118,13 @@ class Stopper:
             self.reason = self.reason or f"{name} to rank {status.Get_source()}"
 
     def close(self) -> None:
-        """Restore the handlers; take in notices nobody read and finish this rank's own."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        """Restore the handlers; take in notices nobody read and finish this rank's own.
+
+        Once a stop was asked for, the handlers stay: the process is on its way to exit code 4, and
+        a repeated signal arriving during that exit must not kill it with another code."""
+        if self.reason is None:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
         self._previous.clear()
         self._read_notices()
         if self._notice is not None:

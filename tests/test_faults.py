@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -338,31 +337,17 @@ def test_too_few_survivors_stop_the_run_with_one_line_after_the_retries(tmp_path
 # ------------------------------------------------------------ kill -9 and resume
 
 
-def _checkpoint_round(run_dir: Path) -> int:
-    import json
-    try:
-        return int(json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 @pytest.mark.mpi
 def test_kill_9_of_a_client_rank_ends_the_job_and_resume_ends_like_an_uninterrupted_run(tmp_path):
     rounds, run_dir, whole = 5, tmp_path / "killed", tmp_path / "whole"
-    cmd = [str(helpers.MPIEXEC), "-n", "3", sys.executable, "-m", "sfprompt_mpi.run", *COMMON,
-           "--rounds", str(rounds), "--run-dir", str(run_dir)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(helpers.ROOT))
-    proc = subprocess.Popen(cmd, cwd=helpers.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    # Execute: wait for round 2's checkpoint, then kill -9 client rank 1 mid-run
+    proc = helpers.start_until_checkpoint([*COMMON, "--rounds", str(rounds), "--run-dir", str(run_dir)], run_dir, 2,
+                                          timeout=120)
     try:
-        # Execute: wait for round 2's checkpoint, then kill -9 client rank 1 mid-run
-        deadline = time.monotonic() + 120
-        while _checkpoint_round(run_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
         victim = helpers.rank_pid(proc.pid, 1)
         assert victim is not None and proc.poll() is None, "the job ended or never reached round 2"
         os.kill(victim, signal.SIGKILL)
-        killed_at, done_before = time.monotonic(), _checkpoint_round(run_dir)
+        killed_at, done_before = time.monotonic(), helpers.checkpoint_round(run_dir)
         proc.wait(timeout=60)
         ended_after = time.monotonic() - killed_at
     finally:

@@ -271,8 +271,10 @@ def _assert_requeued_and_continued(cluster: SlurmCluster, job_id: int, tmp_path:
 @pytest.mark.slurm
 def test_wall_time_limit_stops_after_a_round_requeues_and_ends_like_an_uninterrupted_run(
         cluster, tmp_path, uninterrupted):
-    # Prepare: 20 rounds plus the setup do not fit in the job's one minute
-    env = job_env(EXTRA_ARGS=STOP_ARGS)
+    # Prepare: the run does not fit in the job's one minute on any machine: rank 1 sends its first
+    # activations 20 s late (--inject-fault slow sleeps half of --client-timeout), which delays round 1
+    # and changes no number; on an idle machine the 20 rounds alone take about 40 s
+    env = job_env(EXTRA_ARGS=STOP_ARGS + " --client-timeout 40 --inject-fault slow@rank:1,round:1")
     # Execute: the run reads the job's end time (--time-budget's default), stops, the script requeues;
     # then, as an administrator might, give the requeued job time enough to finish (one requeue, not five)
     job_id = cluster.submit(JOBS / "single_node.sbatch", env=env, cwd=tmp_path,

@@ -9,10 +9,8 @@ limit, ``scontrol requeue``) is in tests/test_slurm.py.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,13 +33,6 @@ COMMON = ["--clients", "4", "--max-train-samples", "240", "--max-test-samples", 
 
 def _params(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "checkpoint" / "global.safetensors"))
-
-
-def _checkpoint_round(run_dir: Path) -> int:
-    try:
-        return int(json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"])
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 def assert_continued_like_uninterrupted(run_dir: Path, whole: Path, rounds: int, ranks: int) -> None:
@@ -93,7 +84,7 @@ def test_time_budget_stops_after_a_complete_round_and_the_same_command_continues
     cmd = COMMON + ["--rounds", str(rounds), "--run-dir", str(run_dir)]
     # Execute: a budget no second round fits in; then the same command without it
     assert main(cmd + ["--time-budget", "0.001"]) == EXIT_CONTINUE
-    stopped_at = _checkpoint_round(run_dir)
+    stopped_at = helpers.checkpoint_round(run_dir)
     line = capsys.readouterr().err.splitlines()[-1]
     assert main(cmd) == 0
     capsys.readouterr()
@@ -128,15 +119,12 @@ def test_run_dir_of_another_config_is_refused_with_one_line(tmp_path, capsys):
 def test_sigterm_to_one_client_rank_stops_the_whole_job_cleanly_and_the_same_command_continues(tmp_path):
     rounds, run_dir, whole = 6, tmp_path / "stopped", tmp_path / "whole"
     args = [*COMMON, "--rounds", str(rounds), "--run-dir", str(run_dir)]
-    cmd = [str(helpers.MPIEXEC), "-n", "3", sys.executable, "-m", "sfprompt_mpi.run", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(helpers.ROOT))
-    proc = subprocess.Popen(cmd, cwd=helpers.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    # Round 2 takes at least 3 s (rank 1 sends its first activations late: --inject-fault slow sleeps
+    # half of --client-timeout; no number changes), so the second signal surely comes during the stop
+    slowed = [*args, "--client-timeout", "6", "--inject-fault", "slow@rank:1,round:2"]
+    # Execute: once round 1 is checkpointed, SIGTERM client rank 2, and again a moment later
+    proc = helpers.start_until_checkpoint(slowed, run_dir, 1)
     try:
-        # Execute: once round 1 is checkpointed, SIGTERM client rank 2, and again a moment later
-        deadline = time.monotonic() + 150
-        while _checkpoint_round(run_dir) < 1 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
         victim = helpers.rank_pid(proc.pid, 2)
         assert victim is not None and proc.poll() is None, "the job ended or never reached round 1"
         os.kill(victim, signal.SIGTERM)
@@ -150,7 +138,7 @@ def test_sigterm_to_one_client_rank_stops_the_whole_job_cleanly_and_the_same_com
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     output = proc.stdout.read().decode(errors="replace")
-    stopped_at = _checkpoint_round(run_dir)
+    stopped_at = helpers.checkpoint_round(run_dir)
 
     # Assert: the whole job stopped with 4, promptly, after a complete round, saying so once
     assert proc.returncode == EXIT_CONTINUE, (proc.returncode, output[-3000:])
@@ -158,7 +146,7 @@ def test_sigterm_to_one_client_rank_stops_the_whole_job_cleanly_and_the_same_com
     assert "Traceback" not in output and output.count("[r00] stopped after round") == 1, output[-3000:]
     assert "SIGTERM to rank 2" in output and "[r02] SIGTERM again" in output, output[-3000:]
     # ... and the same command continues it to the end of an uninterrupted run
-    resumed = helpers.launch(args, ranks=3, timeout=200)
+    resumed = helpers.launch(slowed, ranks=3, timeout=200)
     assert resumed.returncode == 0, resumed.report()
     assert f"resuming {run_dir} after round {stopped_at}" in resumed.output, resumed.report()
     assert main(COMMON + ["--rounds", str(rounds), "--run-dir", str(whole)]) == 0

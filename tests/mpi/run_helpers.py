@@ -76,6 +76,29 @@ def run_bounded(cmd: list[str], timeout: float = LAUNCH_TIMEOUT_S, env: dict[str
     return Launch(cmd, proc.returncode, out, time.perf_counter() - t0)
 
 
+def checkpoint_round(run_dir: Path) -> int:
+    """The round a run directory's checkpoint holds (0: none yet, or being written)."""
+    import json
+    try:
+        return int(json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def start_until_checkpoint(args: list[str], run_dir: Path, rnd: int, *, ranks: int = 3,
+                           timeout: float = 150) -> subprocess.Popen:
+    """Start ``mpiexec -n ranks python -m sfprompt_mpi.run ARGS`` in its own session and wait until the
+    checkpoint of ``run_dir`` holds round ``rnd`` (or the job ends, or ``timeout``); -> the job."""
+    cmd = [str(MPIEXEC), "-n", str(ranks), sys.executable, "-m", "sfprompt_mpi.run", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while checkpoint_round(run_dir) < rnd and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return proc
+
+
 def rank_pid(launcher: int, rank: int) -> int | None:
     """The pid of MPI rank ``rank`` among the descendants of process ``launcher`` (mpiexec)."""
     parent, env = {}, {}
