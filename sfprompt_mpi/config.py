@@ -91,6 +91,9 @@ class FedConfig:
     dp_clip: float = _f(0.0, "client-level DP (DP-FedAvg): L2 bound on each client's delta (0: DP off)")
     dp_noise: float = _f(0.0, "client-level DP: noise multiplier z; Gaussian noise of std z * dp_clip / K is added to the mean")
     dp_delta: float = _f(1e-5, "client-level DP: the delta at which the privacy spent (epsilon) is reported")
+    devices: str = _f("none", "the devices the clients stand for, for the simulated clock: none, a preset "
+                      "(table1: SFPrompt's 54/12 Mbit/s; jetson: 30 TX2 : 40 Xavier NX : 10 AGX Xavier) or a "
+                      ".toml/.csv profile file (see docs/devices.md)")
 
 
 @dataclass
@@ -131,6 +134,9 @@ class Config:
     #: Names of the fields set explicitly (by the TOML file or a CLI flag; on --resume: by the flags
     #: of the resuming command). Not a setting: never written to config.toml and never compared.
     given: frozenset[str] = field(default=frozenset(), compare=False)
+    #: The resolved device profiles of ``fed.devices`` (:meth:`sfprompt_mpi.devices.Devices.record`), once a
+    #: run resolved them: written to config.toml as its ``[devices]`` table, so --resume keeps them.
+    devices: dict[str, Any] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """{section: {key: value}} of the settings (``given`` is no setting)."""
@@ -144,15 +150,21 @@ class Config:
             for key, value in values.items():
                 lines.append(f"{key} = {_toml_value(value)}")
             lines.append("")
+        if self.devices is not None:
+            lines += ["[devices]", *(f"{k} = {_toml_value(v)}" for k, v in self.devices.items()), ""]
         return "\n".join(lines)
 
 
+#: The extra table of a run's config.toml that holds its resolved device profiles.
+DEVICES = "devices"
 _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "fed": FedConfig,
                     "comm": CommConfig, "run": RunConfig}
 SECTIONS = {name: cls for name, cls in _SECTION_CLASSES.items()}
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -202,6 +214,9 @@ def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
         raise UserError(f"config file {path} is not valid TOML: {exc}") from None
     out: dict[str, dict[str, Any]] = {}
     for section, values in raw.items():
+        if section == DEVICES and isinstance(values, dict):  # a run's resolved device profiles, kept as they are
+            out[DEVICES] = values
+            continue
         if section not in _SECTION_CLASSES:
             raise UserError(f"unknown config section [{section}] in {path} (known: {', '.join(_SECTION_CLASSES)})")
         if not isinstance(values, dict):
@@ -268,7 +283,8 @@ def _parser_error(message: str) -> None:
 
 def build_config(values: dict[str, dict[str, Any]] | None = None) -> Config:
     """A validated Config from {section: {key: value}} overrides of the defaults (its ``given``)."""
-    values = values or {}
+    values = dict(values or {})
+    devices = values.pop(DEVICES, None)
     sections = {}
     for section, cls in _SECTION_CLASSES.items():
         given = values.get(section, {})
@@ -276,15 +292,18 @@ def build_config(values: dict[str, dict[str, Any]] | None = None) -> Config:
             if key not in FIELDS or FIELDS[key][0] != section:
                 raise UserError(f"unknown config key {section}.{key}")
         sections[section] = cls(**given)
-    cfg = Config(**sections, given=frozenset(k for kv in values.values() for k in kv))
+    if devices is not None and devices.get("spec") != sections["fed"].devices:
+        devices = None  # --devices names other profiles than the saved ones: they are resolved anew
+    cfg = Config(**sections, given=frozenset(k for kv in values.values() for k in kv), devices=devices)
     validate(cfg)
     return cfg
 
 
 def config_from_dict(values: dict[str, dict[str, Any]]) -> Config:
     """Rebuild a saved config (e.g. from a run directory's config.toml)."""
-    return build_config({s: {k: _coerce(s, FIELDS[k][1], v) for k, v in kv.items() if k in FIELDS}
-                         for s, kv in values.items() if s in _SECTION_CLASSES})
+    return build_config({**{s: {k: _coerce(s, FIELDS[k][1], v) for k, v in kv.items() if k in FIELDS}
+                            for s, kv in values.items() if s in _SECTION_CLASSES},
+                         **({DEVICES: values[DEVICES]} if DEVICES in values else {})})
 
 
 def validate(cfg: Config) -> None:

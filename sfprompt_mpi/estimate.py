@@ -235,6 +235,54 @@ def describe_plan(cfg: Config, hosts: dict[int, list[int]], world_size: int, thr
         f"  samples per client: ~{per_client} ({cfg.data.partition} partition){kept}",
         f"  bytes per client per round: ~{up / 1e6:.3f} MB up, ~{down / 1e6:.3f} MB down"
         + (f" ({cfg.comm.wire_dtype} on the wire)" if algo.split else "") + f"; per round in all: ~{k * (up + down) / 1e6:.3f} MB",
-        "dry run: config and world size are valid; nothing was trained or written",
     ]
+    if cfg.devices is not None:
+        from .devices import from_record
+        lines += from_record(cfg.devices, n_clients).describe()
+    lines.append("dry run: config and world size are valid; nothing was trained or written")
     return "\n".join(lines)
+
+
+def run_pass_flops(cfg: Config, num_classes: int) -> PassFlops:
+    """:class:`PassFlops` of the run ``cfg`` describes (counted on meta modules: shapes only)."""
+    from .model.vit import build_backbone
+    model, _ = build_meta_model(cfg, num_classes)
+    return count_pass_flops(model, build_backbone(cfg.model, num_classes, meta=True))
+
+
+def _saved_bytes(run) -> int:
+    """Bytes of the tensors autograd saves for backward while ``run()`` builds its graph."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[id(t)] = t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
+
+
+def client_memory_bytes(cfg: Config, num_classes: int, batch: int) -> dict[str, int]:
+    """What one client needs at mini-batch ``batch``: its part's float32 weights ('weights'), the
+    trained parameters' gradients and optimiser state ('optimizer'), and the activations autograd keeps
+    for one training step ('activations': the head's and the tail's graphs for split algorithms, the
+    larger of that and the local-loss model's; the whole model's otherwise)."""
+    model, layout = build_meta_model(cfg, num_classes)
+    algo = build_algorithm(cfg)
+    params = dict(model.named_parameters())
+    held = model.names_in("head", "tail") if algo.split else list(params)
+    per_param = 1 + (2 if cfg.fed.optimizer == "adam" else int(cfg.fed.momentum > 0))
+    size = model.vit.patch_embed.img_size
+    images_BCHW = torch.zeros(2, 3, *size, device="meta")
+    if algo.split:
+        grad = needs_grad(model, layout)  # the tail's input needs a gradient only when the head trains
+
+        def split_step() -> None:
+            model.head(images_BCHW)
+            model.tail(torch.zeros(2, model.tokens, model.width, device="meta", requires_grad=grad))
+        acts = max(_saved_bytes(split_step), _saved_bytes(lambda: model.local_forward(images_BCHW)))
+    else:
+        acts = _saved_bytes(lambda: model(images_BCHW))
+    return {"weights": FLOAT32_BYTES * sum(params[n].numel() for n in held),
+            "optimizer": FLOAT32_BYTES * per_param * layout.numel,
+            "activations": acts * batch // 2}

@@ -9,6 +9,7 @@ directory until every check has passed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -126,12 +127,12 @@ def _rank0_checks(cfg: Config, world: World) -> dict:
     if cfg.model.pretrained and not cfg.model.checkpoint:
         check_pretrained_available(cfg.model.name)  # seconds, not minutes of download retries
     if cfg.run.dry_run:
-        check_dataset_files(cfg.data)
-        return {"clients": n}
+        return {"clients": n, "devices": device_profiles(cfg, n, check_dataset_files(cfg.data)[1])}
     prepare_dataset(cfg.data)
     if cfg.model.pretrained:
         build_backbone(cfg.model, num_classes=2)  # fetch into the cache once, before the other ranks
-    info: dict[str, Any] = {"clients": n, "start_round": 1, "resume_round": None}
+    info: dict[str, Any] = {"clients": n, "start_round": 1, "resume_round": None,
+                            "devices": device_profiles(cfg, n, check_dataset_files(cfg.data)[1])}
     if cfg.run.resume:
         run_dir = Path(cfg.run.resume)
         done = 0  # a run stopped (or killed) before its first checkpoint starts afresh in its own directory
@@ -141,6 +142,29 @@ def _rank0_checks(cfg: Config, world: World) -> dict:
     else:
         info["run_dir"] = str(_new_run_dir(cfg))
     return info
+
+
+def device_profiles(cfg: Config, n: int, classes: int) -> dict[str, Any] | None:
+    """The ``[devices]`` record of ``n`` clients: the run's saved one, else ``--devices`` resolved; every
+    client's memory is checked (unless the algorithm adapts to it)."""
+    from .devices import from_record, resolve
+    devices = from_record(cfg.devices, n) if cfg.devices is not None else resolve(cfg.fed.devices, n, cfg.run.seed)
+    if devices is None:
+        return None
+    algo = build_algorithm(cfg)
+    if not algo.adapts_to_memory:
+        from .estimate import client_memory_bytes
+        needs: dict[int, int] = {}
+        for cid, device in enumerate(devices.clients):
+            batch = algo.client_settings(1, cid).batch_size
+            if batch not in needs:
+                needs[batch] = sum(client_memory_bytes(cfg, classes, batch).values())
+            if needs[batch] > device.memory_gb * 1e9:
+                raise UserError(f"--devices {devices.spec}: client {cid} ({device.name}, {device.memory_gb:g} GB) "
+                                f"cannot hold its part of {cfg.model.name}, its optimiser state and the activations "
+                                f"of a batch of {batch} ({needs[batch] / 1e9:.3g} GB); lower --batch-size or give it "
+                                f"more memory_gb")
+    return devices.record()
 
 
 def run_job(cfg: Config, world: World, started: float | None = None, clock: Clock | None = None,
@@ -169,6 +193,8 @@ def _run_job(cfg: Config, world: World, started: float, clock: Clock | None, sto
         _warn_ignored(cfg)
     info = _bcast(world, _agree(world, lambda: _rank0_checks(cfg, world) if world.rank == 0 else None))
     n = info["clients"]
+    if info["devices"] is not None:
+        cfg = dataclasses.replace(cfg, devices=info["devices"])
     threads = set_threads(cfg, world, n)
     hosts = {1: list(range(n))} if world.single else client_hosts(n, world.size)
     if cfg.run.dry_run:

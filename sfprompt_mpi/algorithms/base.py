@@ -108,6 +108,9 @@ class Algorithm:
     reads: ClassVar[frozenset[str]] = frozenset()
     #: What clients train and exchange, in words (tables, ``--dry-run``).
     trains: ClassVar[str] = ""
+    #: The algorithm fits each client's work to its device's memory (else a client whose ``--devices``
+    #: memory cannot hold its part of the model and a batch is refused at setup).
+    adapts_to_memory: ClassVar[bool] = False
 
     def __init__(self, cfg: "Config") -> None:
         self.cfg = cfg

@@ -21,10 +21,12 @@ from torch.utils.data import Dataset
 
 from ..algorithms import build_algorithm
 from ..algorithms.base import Algorithm
-from ..comm.protocol import Kind, Transport, wire_dtype
+from ..comm.protocol import HEADER_BYTES, Kind, Transport, wire_dtype
 from ..config import Config, clients_per_round
+from ..devices import from_record
 from ..errors import RunStopped
 from ..model.split import PromptedViT
+from ..simclock import SimClock, round_row
 from ..stopping import Stopper
 from .aggregate import Updates
 from .checkpoint import save_checkpoint
@@ -34,6 +36,16 @@ from .state import Layout, derive_seed
 from .training import iter_batches, take_batch
 
 log = logging.getLogger(__name__)
+
+
+def sim_clock(cfg: Config, algorithm: Algorithm, model: PromptedViT, numel: int, num_clients: int,
+              in_turn: bool) -> SimClock | None:
+    """The run's simulated clock, from the device profiles it resolved (``cfg.devices``), or None."""
+    if cfg.devices is None:
+        return None
+    from ..estimate import run_pass_flops
+    return SimClock(from_record(cfg.devices, num_clients), algorithm, run_pass_flops(cfg, model.vit.num_classes),
+                    numel=numel, in_turn=in_turn)
 
 
 def select_clients(num_clients: int, fraction: float, seed: int, rnd: int) -> list[int]:
@@ -69,6 +81,8 @@ class Server:
         self.body_names = self.algorithm.server_trained_names(self.model)
         self.service = BodyService(cfg, self.algorithm.server_body(self.model, self.device), transport, hosts,
                                    self._event)
+        #: The simulated clock of ``--devices`` (None for 'none'): what each round would take on the devices.
+        self.clock = sim_clock(cfg, self.algorithm, model, layout.numel, self.num_clients, self.service.body.trains)
         #: The round started last: (round, selected clients, its global vector, when it started).
         self.started: tuple[int, list[int], torch.Tensor, float] | None = None
         #: Asked before each round starts whether to stop instead (a signal, the time budget).
@@ -125,6 +139,10 @@ class Server:
                                "clients_dropped": float(len(set(selected) - updates.counts.keys())), **agg_stats,
                                **served}
         row["bytes_recv_per_client"] = np.array([attempt.client_bytes.get(c, 0) for c in order], dtype=np.float64)
+        if self.clock is not None:
+            sim = self.clock.round({c: updates.counts[c] for c in order}, attempt.requests, attempt.update_bytes,
+                                   HEADER_BYTES + global_F.numel() * global_F.element_size())
+            row.update(round_row(sim, order))
         if rnd % self.cfg.run.eval_every == 0 or rnd == self.cfg.fed.rounds:
             t0 = time.perf_counter()
             acc, loss = self.evaluate()

@@ -54,6 +54,10 @@ class Attempt:
     next_group: int = 0
     timed_out: set[int] = field(default_factory=set)   # clients whose host went silent
     client_bytes: dict[int, int] = field(default_factory=dict)     # bytes received per client
+    #: What the simulated clock prices: per client its body requests (step, batch, message bytes,
+    #: gradient comes back) and its update's bytes, as they arrived.
+    requests: dict[int, list[tuple[int, int, int, bool]]] = field(default_factory=dict)
+    update_bytes: dict[int, int] = field(default_factory=dict)
     stat: dict[str, float] = field(default_factory=lambda: {"fwd": 0.0, "bwd": 0.0, "wait": 0.0, "passes": 0,
                                                             "samples": 0})
 
@@ -147,6 +151,7 @@ class BodyService:
             return
         if kind == Kind.ACTS:
             a.pending.append(msg)
+            a.requests.setdefault(h.client, []).append((h.step, h.shape[0], HEADER_BYTES + h.nbytes, bool(h.aux)))
         elif kind == Kind.GRAD_OUT:
             gid, idx = a.where.pop((h.client, h.step))
             a.groups[gid].grads[idx] = msg.payload
@@ -154,6 +159,7 @@ class BodyService:
                 self._backward(a, a.groups.pop(gid))
         elif kind == Kind.UPDATE:
             a.updates.add(h.client, msg.payload, h.aux)
+            a.update_bytes[h.client] = HEADER_BYTES + h.nbytes
 
     def _drop_silent(self, a: Attempt, owing: set[int], missing: list[int]) -> None:
         """Drop the clients of every host rank that has been silent for ``--client-timeout`` seconds."""
