@@ -95,8 +95,9 @@ def simulate(plans: dict[int, Sequence[Step]], devices: Devices, *, in_turn: boo
         advance(c)
     free, busy, turn = 0.0, 0.0, sorted(plans)
     while waiting:
-        if in_turn:
+        if in_turn:  # the turn passes when the client before has sent its update
             c = next(c for c in turn if c not in done)
+            free = max([free, *(now[d] for d in turn[:turn.index(c)])])
         else:
             c = min(waiting, key=lambda k: (waiting[k][0], k))
         arrival, flops = waiting.pop(c)

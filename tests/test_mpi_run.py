@@ -42,7 +42,7 @@ import run_helpers as helpers  # tests/mpi, put on sys.path by tests/conftest.py
 pytestmark = pytest.mark.mpi
 
 COMMON = ["--clients", "4", "--rounds", "2", "--max-train-samples", "240", "--max-test-samples", "100",
-          "--threads", "1", "--batch-size", "16", "--seed", "3"]
+          "--threads", "1", "--batch-size", "16", "--seed", "3", "--devices", "jetson"]
 OFF = ["--server-batch", "1"]
 DEFAULT_THREADS = [a for a in COMMON if a not in ("--threads", "1")]
 DIGITS_CLASSES = 10
@@ -119,6 +119,17 @@ def test_mpi_run_equals_reference_run_bitwise(runs):
     policy = "nap after 1 ms" if 3 > cpus else "spin up to 200 ms"
     assert f"rank 0's node: 3 rank(s) on {cpus} CPU(s), 1 torch thread(s) each, waiting ranks {policy}" \
         in runs.get("mpi")[1].output
+
+
+def test_simulated_times_do_not_depend_on_the_ranks_nor_on_server_batching(runs):
+    """1 process, 3 ranks and 5 ranks with server batching: the same simulated clock, bitwise."""
+    reference = read_metrics(runs.get("reference")[0] / "metrics" / "rank00000.h5")
+    keys = sorted(k for k in reference if k.startswith("sim/"))
+    assert "sim/round_s" in keys and "sim/client_server_s" in keys
+    assert (reference["sim/round_s"][1] > 0).all()
+    for name in ("mpi", "batched"):
+        for key in keys:
+            np.testing.assert_array_equal(_series(runs.get(name)[0], key), reference[key][1], err_msg=f"{name} {key}")
 
 
 def test_default_threads_reference_equals_mpi_run_when_their_thread_counts_match(runs):
