@@ -32,6 +32,8 @@ import numpy as np
 from .cli import main_guard
 from .errors import UserError
 from .metrics.h5 import read_attrs, read_events, read_metrics
+from .simreport import add_sim_time, client_breakdown, device_names, format_breakdown, time_to_target, \
+    write_breakdown_plot
 
 PHASES = ("local", "prune", "split", "wait", "upload")
 SERVER_SCALARS = ("test_acc", "test_loss", "round_s", "server_busy_frac", "queue_wait_s",
@@ -143,6 +145,8 @@ def round_rows(run: Run) -> list[dict[str, Any]]:
             cum_s += row["round_s"]
             row["cum_wall_s"] = cum_s
         rows.append(row)
+    if srv:
+        add_sim_time(rows, srv.series)
     return rows
 
 
@@ -189,6 +193,8 @@ def summarize(run: Run, rows: list[dict[str, Any]]) -> dict[str, Any]:
         s.update(final_acc=acc[-1][1], best_acc=best[1], best_round=best[0])
     s["final_loss"] = col("test_loss")[-1] if col("test_loss") else None
     s["wall_s"] = sum(col("round_s")) if col("round_s") else None
+    s["sim_s"] = col("cum_sim_s")[-1] if col("cum_sim_s") else None
+    s["sim_round_s_mean"] = mean("sim_round_s")
     s["mean_round_s"] = mean("round_s")
     for p in PHASES:
         s[f"client_{p}_s"] = mean(f"time_{p}")
@@ -228,7 +234,11 @@ def _algo(path: Path) -> str | None:
 TABLE = [("algorithm", "algo", "{}"), ("final accuracy", "final_acc", "{:.4f}"), ("best accuracy", "best_acc", "{:.4f}"),
          ("best round", "best_round", "{}"), ("rounds completed", "rounds_completed", "{}"),
          ("last round", "last_round", "{}"), ("final test loss", "final_loss", "{:.4f}"),
-         ("wall time [s]", "wall_s", "{:.1f}"), ("mean round [s]", "mean_round_s", "{:.2f}")] + \
+         ("wall time [s]", "wall_s", "{:.1f}"), ("mean round [s]", "mean_round_s", "{:.2f}"),
+         ("simulated time [s]", "sim_s", "{:.4g}"), ("simulated round [s]", "sim_round_s_mean", "{:.4g}"),
+         ("target accuracy", "target_acc", "{:.4f}"), ("round at target", "target_round", "{}"),
+         ("simulated time to target [s]", "target_sim_s", "{:.4g}"),
+         ("wall time to target [s]", "target_wall_s", "{:.1f}")] + \
     [(f"client {p} [s/round]", f"client_{p}_s", "{:.3f}") for p in PHASES] + \
     [("up total [MB]", "up_mb", "{:.2f}"), ("down total [MB]", "down_mb", "{:.2f}"),
      ("clients", "n_clients", "{}"), ("client ranks", "n_client_ranks", "{}"),
@@ -285,6 +295,29 @@ def _jsonable(x: Any) -> Any:
     return x.item() if isinstance(x, np.generic) else x
 
 
+def _accuracy_plots(runs: list[tuple[str, list[dict[str, Any]], dict[str, Any]]], save) -> None:
+    """Test accuracy against round, cumulative communication and (with --devices) simulated time."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    for xkey, xlabel, name in (("round", "round", "accuracy_vs_round.png"),
+                               ("cum_mb", "cumulative communication [MB]", "accuracy_vs_comm.png"),
+                               ("cum_sim_s", "simulated time [s] (--devices)", "accuracy_vs_simtime.png")):
+        curves = [(label, [r[xkey] for r in rows if "test_acc" in r and xkey in r],
+                   [r["test_acc"] for r in rows if "test_acc" in r and xkey in r]) for label, rows, _ in runs]
+        if any(ys for _, _, ys in curves):
+            fig = Figure(figsize=(6, 4))
+            ax = fig.add_subplot()
+            for label, xs, ys in curves:
+                ax.plot(xs, ys, marker="o", label=label)
+            ax.set(xlabel=xlabel, ylabel="test accuracy")
+            if xkey == "round":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            ax.legend()
+            save(fig, name)
+
+
 def write_plots(runs: list[tuple[str, list[dict[str, Any]], dict[str, Any]]],
                 out: Path) -> list[Path]:
     """Write the PNG plots that have data for (label, round rows, summary) runs; return paths."""
@@ -298,21 +331,7 @@ def write_plots(runs: list[tuple[str, list[dict[str, Any]], dict[str, Any]]],
         fig.savefig(out / name, dpi=100)
         written.append(out / name)
 
-    for xkey, xlabel, name in (("round", "round", "accuracy_vs_round.png"),
-                               ("cum_mb", "cumulative communication [MB]", "accuracy_vs_comm.png")):
-        curves = [(label, [r[xkey] for r in rows if "test_acc" in r],
-                   [r["test_acc"] for r in rows if "test_acc" in r]) for label, rows, _ in runs]
-        if any(ys for _, _, ys in curves):
-            fig = Figure(figsize=(6, 4))
-            ax = fig.add_subplot()
-            for label, xs, ys in curves:
-                ax.plot(xs, ys, marker="o", label=label)
-            ax.set(xlabel=xlabel, ylabel="test accuracy")
-            if xkey == "round":
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
-            ax.legend()
-            save(fig, name)
+    _accuracy_plots(runs, save)
 
     with_phase = [(label, rows) for label, rows, _ in runs
                   if any(f"time_{p}" in r for r in rows for p in PHASES)]
@@ -355,25 +374,49 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="output directory (default RUN_DIR/analysis, "
                     "or a compare-... directory beside the runs when several are given)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    args = ap.parse_args(argv)
-    return main_guard(lambda _: _analyze(args), argv)
+    ap.add_argument("--target-acc", type=float, default=None, metavar="ACC",
+                    help="report the round, simulated time and wall time at which each run first reaches "
+                         "this test accuracy (0..1)")
+    ap.error = _parser_error  # type: ignore[method-assign]
+    return main_guard(lambda _: _analyze(ap.parse_args(argv)), argv)
+
+
+def _parser_error(message: str) -> None:
+    raise UserError(f"bad command line: {message}")
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    if args.target_acc is not None and not 0 <= args.target_acc <= 1:
+        raise UserError(f"--target-acc {args.target_acc:g} is not an accuracy in [0, 1]")
     runs = [load_run(p) for p in args.run_dirs]
     if len({r.label for r in runs}) < len(runs):
         for r in runs:
             r.label = str(r.path)
     data = [(r.label, round_rows(r)) for r in runs]
     data = [(label, rows, summarize(run, rows)) for run, (label, rows) in zip(runs, data)]
+    if args.target_acc is not None:
+        for _, rows, s in data:
+            hit = time_to_target(rows, args.target_acc) or {}
+            s.update(target_acc=args.target_acc, target_round=hit.get("round"), target_sim_s=hit.get("sim_s"),
+                     target_wall_s=hit.get("wall_s"))
     print(format_table([s for _, _, s in data]))
+    sim = {run.label: client_breakdown(run.server.series, device_names(run.path)) for run in runs if run.server}
+    sim = {label: clients for label, clients in sim.items() if clients}
+    for label, clients in sim.items():
+        print(format_breakdown(label, clients))
     out = args.out or _out_dir(runs)
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_csv([row for _, rows, _ in data for row in rows], out / "rounds.csv")
+        if sim:
+            write_csv([{"run": label, **c} for label, clients in sim.items() for c in clients], out / "sim_clients.csv")
         (out / "summary.json").write_text(json.dumps(
-            _jsonable({"runs": [s for _, _, s in data]}), indent=2) + "\n")
+            _jsonable({"runs": [s for _, _, s in data], "sim_clients": sim}), indent=2) + "\n")
         plots = [] if args.no_plots else write_plots(data, out)
+        if not args.no_plots:
+            plots += [write_breakdown_plot(label, clients, out / (f"sim_clients_{i}.png" if len(sim) > 1
+                                                                  else "sim_clients.png"))
+                      for i, (label, clients) in enumerate(sim.items())]
     except OSError as e:
         raise UserError(f"cannot write the analysis to {out} ({e.strerror or e}); "
                         "choose another directory with --out") from e

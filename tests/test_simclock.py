@@ -196,3 +196,45 @@ def test_the_resolved_profiles_are_kept_in_config_toml_and_resume_keeps_them(tmp
     from sfprompt_mpi.metrics.h5 import read_metrics
     rounds = read_metrics(Path(run_dir) / "metrics" / "rank00000.h5")["sim/round_s"]
     assert list(rounds[0]) == [1, 2] and rounds[1][0] == pytest.approx(rounds[1][1], rel=1e-9)
+
+
+# ---------------------------------------------------------------------- analyze
+
+
+@pytest.fixture(scope="module")
+def jetson_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("sim") / "run"
+    assert run.main(["--devices", "jetson", "--clients", "4", "--rounds", "2", "--max-train-samples", "160",
+                     "--max-test-samples", "40", "--run-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+def test_analyze_reports_time_to_target_and_each_clients_simulated_time(jetson_run, capsys):
+    import csv
+    import json
+    from sfprompt_mpi import analyze
+    from sfprompt_mpi.metrics.h5 import read_metrics
+    # Act: a target every run reaches in its first round.
+    assert analyze.main([str(jetson_run), "--target-acc", "0"]) == 0
+    # Assert
+    printed = capsys.readouterr().out
+    assert "simulated time to target [s]" in printed and "idle [s]" in printed
+    out = jetson_run / "analysis"
+    summary = json.loads((out / "summary.json").read_text())["runs"][0]
+    sim = read_metrics(jetson_run / "metrics" / "rank00000.h5")
+    assert summary["target_round"] == 1 and summary["target_sim_s"] == pytest.approx(sim["sim/round_s"][1][0])
+    assert summary["sim_s"] == pytest.approx(sim["sim/round_s"][1].sum())
+    with open(out / "sim_clients.csv") as fh:
+        clients = list(csv.DictReader(fh))
+    assert [int(c["client"]) for c in clients] == [0, 1, 2, 3]
+    assert {c["device"] for c in clients} <= {"tx2", "xavier-nx", "agx-xavier"}
+    assert min(float(c["idle_s"]) for c in clients) == 0.0  # the straggler waits for nobody
+    for png in ("sim_clients.png", "accuracy_vs_simtime.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_analyze_refuses_a_target_that_is_no_accuracy(jetson_run, capsys):
+    from sfprompt_mpi import analyze
+    assert analyze.main([str(jetson_run), "--target-acc", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--target-acc 2" in err[0]
