@@ -29,10 +29,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import EXIT_USER_ERROR, UserError
 from .output import write_json
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ def _train(vit, x_train, y_train, train: TrainSettings, seed: int, *, desc: str,
     return correct / max(seen, 1)
 
 
-def _as_inputs(images_NSS) -> "torch.Tensor":
+def _as_inputs(images_NSS) -> torch.Tensor:
     """Grayscale [0, 1] renderings -> N x 3 x S x S in [-1, 1], as the datasets serve images."""
     import torch
 
