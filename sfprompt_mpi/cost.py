@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from typing import Any
 
@@ -53,6 +54,15 @@ def build_cost_parser() -> argparse.ArgumentParser:
     group.add_argument("--fedavg-epochs", type=int, default=0,
                        help="local epochs of FedAvg full fine-tuning per round (default 0: --local-epochs, at least 1)")
     group.add_argument("--json", default="", metavar="OUT", help="also write the numbers as JSON to OUT ('-': stdout)")
+    group = parser.add_argument_group("run time per round (the simulated clock; also with --devices PRESET|FILE)")
+    group.add_argument("--downlink-mbps", type=float, default=0.0,
+                       help="every client's downlink in Mbit/s (SFPrompt's Table 1: 54); with --uplink-mbps")
+    group.add_argument("--uplink-mbps", type=float, default=0.0, help="every client's uplink in Mbit/s (Table 1: 12)")
+    group.add_argument("--client-tflops", type=float, default=1.3,
+                       help="every client's training compute in TFLOP/s (default 1.3: a Jetson TX2's FP16 peak)")
+    group.add_argument("--server-tflops", type=float, default=35.6,
+                       help="the server's compute in TFLOP/s (default 35.6: an RTX 3090's FP32 peak)")
+    group.add_argument("--latency-ms", type=float, default=0.0, help="latency per message in ms (default 0)")
     return parser
 
 
@@ -66,7 +76,54 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         raise UserError(f"--samples-per-client must be >= 0, got {args.samples_per_client}")
     if args.fedavg_epochs < 0:
         raise UserError(f"--fedavg-epochs must be >= 0, got {args.fedavg_epochs}")
+    if (args.downlink_mbps > 0) != (args.uplink_mbps > 0):
+        raise UserError("--downlink-mbps and --uplink-mbps go together (both > 0)")
+    for flag in ("downlink_mbps", "uplink_mbps", "latency_ms"):
+        if not getattr(args, flag) >= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    for flag in ("client_tflops", "server_tflops"):
+        if not getattr(args, flag) > 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     return cfg, args
+
+
+def link_devices(args: argparse.Namespace, cfg: Config, clients: int):
+    """The devices run times are priced on: every client alike from the link flags, else ``--devices``
+    (None when neither is given)."""
+    from .devices import Device, Devices, Server, resolve
+    if args.downlink_mbps > 0:
+        one = Device("client", tflops=args.client_tflops, memory_gb=math.inf, down_mbps=args.downlink_mbps,
+                     up_mbps=args.uplink_mbps, latency_ms=args.latency_ms)
+        return Devices(f"{args.downlink_mbps:g}/{args.uplink_mbps:g} Mbit/s", Server(tflops=args.server_tflops),
+                       (one,) * clients)
+    return resolve(cfg.fed.devices, clients, cfg.run.seed)
+
+
+#: SFPrompt's appendix Table 1 (54 Mbit/s down, 12 up): FL, SFL and SFPrompt per-round run time, minutes.
+TABLE1 = {"fl-full": ("FL", 4.091), "sfl-full": ("SFL", 4.648), "sfprompt": ("SFPrompt", 3.505)}
+
+
+def run_times(cfg: Config, shard: int, classes: int, devices) -> dict[str, dict[str, float]]:
+    """Per algorithm: the simulated round (seconds), its slowest client's compute and transfer, the server."""
+    from .config import ALGOS
+    from .estimate import simulated_round
+    out = {}
+    for name in ALGOS:
+        c = dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, algo=name))
+        sim = simulated_round(c, classes, shard, devices)
+        slowest = max(sim.clients.values(), key=lambda t: t.finish)
+        out[name] = {"round_s": sim.seconds, "compute_s": slowest.compute, "transfer_s": slowest.down + slowest.up,
+                     "server_s": slowest.server}
+    return out
+
+
+def render_run_times(spec: str, times: dict[str, dict[str, float]]) -> str:
+    lines = [f"run time per round on the simulated clock ({spec}; slowest client: compute, transfers, server)"]
+    for name, t in times.items():
+        paper = f"   paper's Table 1: {TABLE1[name][0]} {TABLE1[name][1]:.3f} min" if name in TABLE1 else ""
+        lines.append(f"  {name:<16} {t['round_s'] / 60:9.3f} min  ({t['compute_s']:.1f} s compute, "
+                     f"{t['transfer_s']:.1f} s transfers, {t['server_s']:.1f} s server){paper}")
+    return "\n".join(lines)
 
 
 def _parser_error(message: str) -> None:
@@ -247,7 +304,13 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     cfg, args = parse_args(argv)
     result = estimate(cfg, args.samples_per_client, args.fedavg_epochs)
-    print(render(result))
+    devices = link_devices(args, cfg, result["clients"])
+    text = render(result)
+    if devices is not None:
+        classes = nominal_dataset(cfg)[1]
+        result["run_time"] = {"devices": devices.spec, **run_times(cfg, result["samples_per_client"], classes, devices)}
+        text += "\n\n" + render_run_times(devices.spec, {k: v for k, v in result["run_time"].items() if k != "devices"})
+    print(text)
     if args.json:
         write_json(args.json, result, indent=2, sort_keys=True)
     return 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ from torch import nn
 from .algorithms import build_algorithm
 from .comm.protocol import HEADER_BYTES
 from .config import WIRE_DTYPES, Config, clients_per_round
+
+if TYPE_CHECKING:
+    from .simclock import RoundTime
 
 WIRE_BYTES = {name: getattr(torch, name).itemsize for name in WIRE_DTYPES}
 FLOAT32_BYTES = 4  # parameter vectors always travel as float32
@@ -286,3 +289,21 @@ def client_memory_bytes(cfg: Config, num_classes: int, batch: int) -> dict[str, 
     return {"weights": FLOAT32_BYTES * sum(params[n].numel() for n in held),
             "optimizer": FLOAT32_BYTES * per_param * layout.numel,
             "activations": acts * batch // 2}
+
+
+def simulated_round(cfg: Config, num_classes: int, shard: int, devices) -> "RoundTime":
+    """The simulated clock's round for ``cfg`` with every selected client holding ``shard`` samples:
+    the plan each client would run (its body requests by the batch sizes, the wire's bytes), through
+    ``devices`` (a :class:`sfprompt_mpi.devices.Devices` with a profile per client)."""
+    from .simclock import SimClock
+    model, layout = build_meta_model(cfg, num_classes)
+    algo = build_algorithm(cfg)
+    f = run_pass_flops(cfg, num_classes)
+    wire, grad = WIRE_BYTES[cfg.comm.wire_dtype], needs_grad(model, layout)
+    batches = batch_sizes(algo.kept_count(shard), cfg.fed.batch_size) * cfg.fed.split_epochs if algo.split else []
+    requests = [(i, b, HEADER_BYTES + b * model.tokens * model.width * wire, grad) for i, b in enumerate(batches)]
+    one = HEADER_BYTES + FLOAT32_BYTES * layout.numel
+    selected = range(clients_per_round(len(devices.clients), cfg.fed.fraction))
+    clock = SimClock(devices, algo, f, numel=layout.numel, in_turn=bool(algo.server_trained_names(model)))
+    return clock.round({c: shard for c in selected}, {c: requests for c in selected}, {c: one for c in selected},
+                       params_bytes=one)

@@ -238,3 +238,33 @@ def test_analyze_refuses_a_target_that_is_no_accuracy(jetson_run, capsys):
     assert analyze.main([str(jetson_run), "--target-acc", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--target-acc 2" in err[0]
+
+
+# ---------------------------------------------------------------------- cost
+
+
+def test_cost_prices_fedavgs_round_on_the_table1_links_as_a_hand_computation(tmp_path, capsys):
+    import json
+    from sfprompt_mpi import cost
+    from sfprompt_mpi.estimate import FLOAT32_BYTES, run_pass_flops
+    # Act
+    out = tmp_path / "cost.json"
+    assert cost.main(["--downlink-mbps", "54", "--uplink-mbps", "12", "--clients", "4",
+                      "--samples-per-client", "100", "--json", str(out)]) == 0
+    # Assert: FedAvg full fine-tuning = one parameter message down and one up, plus its training.
+    r = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "paper's Table 1: SFPrompt 3.505 min" in printed
+    cfg = build_config({"fed": {"algo": "fl-full", "clients": 4}})
+    f, numel = run_pass_flops(cfg, 10), r["params"]["fedavg_exchanged"]
+    message = HEADER_BYTES + FLOAT32_BYTES * numel
+    want = (8 * message / 54e6 + 8 * message / 12e6 + 100 * (f.model_fwd + f.model_bwd) / 1.3e12
+            + 4 * numel / 35.6e12)
+    assert r["run_time"]["fl-full"]["round_s"] == pytest.approx(want, rel=1e-12)
+    assert set(r["run_time"]) >= {"sfprompt", "sfl-full", "devices"}
+
+
+def test_cost_refuses_a_downlink_without_an_uplink(capsys):
+    from sfprompt_mpi import cost
+    assert cost.main(["--downlink-mbps", "54"]) == 2
+    assert "--downlink-mbps and --uplink-mbps go together" in capsys.readouterr().err
