@@ -304,6 +304,6 @@ def simulated_round(cfg: Config, num_classes: int, shard: int, devices) -> "Roun
     requests = [(i, b, HEADER_BYTES + b * model.tokens * model.width * wire, grad) for i, b in enumerate(batches)]
     one = HEADER_BYTES + FLOAT32_BYTES * layout.numel
     selected = range(clients_per_round(len(devices.clients), cfg.fed.fraction))
-    clock = SimClock(devices, algo, f, numel=layout.numel, in_turn=bool(algo.server_trained_names(model)))
+    clock = SimClock(devices, algo, f, numel=layout.numel, policy=algo.server_policy())
     return clock.round({c: shard for c in selected}, {c: requests for c in selected}, {c: one for c in selected},
                        params_bytes=one)

@@ -13,10 +13,13 @@ up. Each step is one of
 - ``("up", bytes)`` / ``("down", bytes)``: one message, latency + bits / rate,
   the rate being the client's link capped by the server's;
 - ``("server", flops)``: a request to the server, which is one queue shared
-  by the clients of the round (a discrete-event model): it serves one request
-  at a time, the earliest arrival first (ties: the lower client id), or, for
-  a body the server trains, one client after the other in id order, as the
-  runtime does. The client waits from its request's arrival to its end.
+  by the clients of the round (a discrete-event model) serving by one of
+  :data:`POLICIES`: ``fifo``, one request at a time, the earliest arrival
+  first (ties: the lower client id); ``in_turn`` (a body the server trains),
+  one client after the other in id order, each after the previous one's
+  update, as the runtime does; ``merge`` (feature merging), one pass over
+  every remaining client's request once the last of them has arrived. The
+  client waits from its request's arrival to the pass's end.
 
 A synchronous round ends when its slowest client's update has arrived plus
 the server's aggregation. Nothing here depends on how many MPI ranks host
@@ -32,6 +35,7 @@ from .devices import Device, Devices, Server
 
 Step = tuple[str, float]
 PARTS = ("compute", "down", "up", "server")
+POLICIES = ("fifo", "in_turn", "merge")
 
 
 @dataclass
@@ -62,9 +66,12 @@ def transfer_s(nbytes: float, mbps: float, device: Device, server: Server) -> fl
     return device.latency_ms / 1e3 + 8.0 * nbytes / (rate * 1e6)
 
 
-def simulate(plans: dict[int, Sequence[Step]], devices: Devices, *, in_turn: bool = False,
+def simulate(plans: dict[int, Sequence[Step]], devices: Devices, *, policy: str = "fifo",
              aggregate_flops: float = 0.0) -> RoundTime:
-    """Run the round's plans (client id -> steps) through the clients' devices and the server's queue."""
+    """Run the round's plans (client id -> steps) through the clients' devices and the server's queue
+    (``policy``: one of :data:`POLICIES`)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown server policy {policy!r}")
     server = devices.server
     times = {c: ClientTime() for c in plans}
     now = {c: 0.0 for c in plans}
@@ -95,19 +102,23 @@ def simulate(plans: dict[int, Sequence[Step]], devices: Devices, *, in_turn: boo
         advance(c)
     free, busy, turn = 0.0, 0.0, sorted(plans)
     while waiting:
-        if in_turn:  # the turn passes when the client before has sent its update
+        if policy == "in_turn":  # the turn passes when the client before has sent its update
             c = next(c for c in turn if c not in done)
             free = max([free, *(now[d] for d in turn[:turn.index(c)])])
+            served = [c]
+        elif policy == "merge":  # every client still in the round is waiting: one merged pass
+            served = sorted(waiting)
         else:
-            c = min(waiting, key=lambda k: (waiting[k][0], k))
-        arrival, flops = waiting.pop(c)
-        work = flops / (server.tflops * 1e12)
-        free = max(free, arrival) + work
+            served = [min(waiting, key=lambda k: (waiting[k][0], k))]
+        requests = [waiting.pop(c) for c in served]
+        work = sum(flops for _, flops in requests) / (server.tflops * 1e12)
+        free = max([free, *(arrival for arrival, _ in requests)]) + work
         busy += work
-        times[c].server += free - arrival
-        now[c] = free
-        pos[c] += 1
-        advance(c)
+        for c, (arrival, _) in zip(served, requests):
+            times[c].server += free - arrival
+            now[c] = free
+            pos[c] += 1
+            advance(c)
     last = max(now.values(), default=0.0)
     for c, t in times.items():
         t.finish, t.idle = now[c], last - now[c]
@@ -146,13 +157,13 @@ class SimClock:
 
     ``algorithm`` prices the compute before split training (its ``client_flops`` phases other than
     'split'; the split step is priced per body request); ``f`` is the run's :class:`PassFlops`;
-    ``in_turn``: the server serves one client after the other (a body it trains). ``last`` is the
+    ``policy``: how the server's queue serves (:data:`POLICIES`, the body's). ``last`` is the
     latest round's :class:`RoundTime`, for algorithms that adapt to it.
     """
 
-    def __init__(self, devices: Devices, algorithm, f, *, numel: int, in_turn: bool) -> None:
+    def __init__(self, devices: Devices, algorithm, f, *, numel: int, policy: str) -> None:
         self.devices, self.algorithm, self.f = devices, algorithm, f
-        self.numel, self.in_turn = numel, in_turn
+        self.numel, self.policy = numel, policy
         self.last: RoundTime | None = None
 
     def round(self, shards: dict[int, int], requests: dict[int, list[tuple[int, int, int, bool]]],
@@ -166,5 +177,5 @@ class SimClock:
             steps = [(b, n, g) for _, b, n, g in sorted(requests.get(c, []))]
             plans[c] = client_plan(params_bytes=params_bytes, pre_flops=pre, requests=steps,
                                    update_bytes=update_bytes[c], f=self.f)
-        self.last = simulate(plans, self.devices, in_turn=self.in_turn, aggregate_flops=len(plans) * self.numel)
+        self.last = simulate(plans, self.devices, policy=self.policy, aggregate_flops=len(plans) * self.numel)
         return self.last

@@ -20,7 +20,7 @@ import pytest
 from sfprompt_mpi.config import config_from_dict, load_toml
 from sfprompt_mpi.data.datasets import build_data
 from sfprompt_mpi.data.partition import partition_indices
-from sfprompt_mpi.fed.server import select_clients
+from sfprompt_mpi.fed.state import select_clients
 from sfprompt_mpi.estimate import build_meta_model, client_round_bytes, needs_grad, round_bytes
 from sfprompt_mpi.metrics.h5 import rank_file, read_metrics
 from sfprompt_mpi.model.vit import model_depth_and_size

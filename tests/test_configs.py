@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sfprompt_mpi.config import FIELDS, WIRE_DTYPES, Config, build_config, clients_per_round, load_toml
-from sfprompt_mpi.fed.server import select_clients
+from sfprompt_mpi.fed.state import select_clients
 from sfprompt_mpi.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -186,9 +186,9 @@ def test_a_host_keeps_one_copy_of_the_global_vector_for_its_clients(tmp_path, mo
     seen = []
     run_client_round = ClientHost.run_client_round
 
-    def spying(self, rnd, cid, global_F, attempt=0):
+    def spying(self, rnd, cid, global_F, attempt=0, batch=0):
         seen.append((rnd, global_F.untyped_storage().data_ptr()))
-        return run_client_round(self, rnd, cid, global_F, attempt)
+        return run_client_round(self, rnd, cid, global_F, attempt, batch)
 
     monkeypatch.setattr(ClientHost, "run_client_round", spying)
     overrides = {"fed": {"clients": 4, "rounds": 2}, "data": {"max_train_samples": 80, "max_test_samples": 20}}

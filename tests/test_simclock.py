@@ -50,7 +50,7 @@ def test_the_clock_equals_a_hand_computation_of_two_clients_and_two_batches():
 
 def test_a_server_that_trains_serves_one_client_after_the_other():
     plans, devices = _two_clients()
-    sim = simulate(plans, devices, in_turn=True)
+    sim = simulate(plans, devices, policy="in_turn")
     # Client 0's requests never meet client 1's; client 1's first waits for client 0's update (t = 23).
     assert sim.clients[0].finish == 23
     assert sim.clients[1].server == 21 and sim.clients[1].finish == 55
@@ -90,7 +90,7 @@ def test_the_clock_prices_exactly_what_the_cost_accounting_counts():
         requests = {0: [(i, b, act, grad) for i, b in enumerate(batch_sizes(kept, 16))]} if algorithm.split else {}
         devices = Devices("unit", Server(tflops=1e-12),
                           (Device("c", tflops=1e-12, memory_gb=1, down_mbps=BYTE_PER_S, up_mbps=BYTE_PER_S),))
-        clock = SimClock(devices, algorithm, f, numel=7, in_turn=False)
+        clock = SimClock(devices, algorithm, f, numel=7, policy="fifo")
         sim = clock.round({0: shard}, requests, {0: 1000}, params_bytes=1000)
         assert sim.clients[0].compute == sum(algorithm.client_flops(shard, f).values()), algo
         assert sim.clients[0].server == algorithm.server_flops(shard, f), algo

@@ -39,6 +39,7 @@ import torch
 from ..fed.aggregate import Updates, aggregate
 from ..fed.body import FrozenBody
 from ..fed.dp import dp_epsilon, dp_fedavg
+from ..fed.state import select_clients
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -144,9 +145,31 @@ class Algorithm:
         return []
 
     # -- a round -------------------------------------------------------------------
+    def observe_clients(self, label_counts_NC: np.ndarray) -> None:
+        """What the server knows of the clients before the first round: each one's label histogram
+        (clients x classes), for algorithms that select by it. Called on the server only."""
+
+    def select_clients(self, rnd: int, num_clients: int) -> list[int]:
+        """The clients of round ``rnd``, ascending: ``--fraction`` of them, drawn by the seed (server only)."""
+        return select_clients(num_clients, self.cfg.fed.fraction, self.cfg.run.seed, rnd)
+
     def client_settings(self, rnd: int, cid: int) -> ClientSettings:
-        """Client ``cid``'s settings in round ``rnd``; the server checks its messages against them."""
+        """Client ``cid``'s settings in round ``rnd``, after :meth:`select_clients` chose it; the server sends
+        the batch size with the parameters (it is the authority) and checks the client's messages against it."""
         return ClientSettings(batch_size=self.cfg.fed.batch_size, lr=self.cfg.fed.lr)
+
+    def lockstep(self) -> bool:
+        """Whether a host runs its clients together, one step of each in turn (:meth:`client_rounds`)."""
+        return False
+
+    def client_rounds(self, ctxs: dict[int, ClientRound]) -> dict[int, dict[str, float]]:
+        """The rounds of one host's clients in lockstep (each ``ctx`` on its own model); -> stats of those that
+        stayed in the round. Only for algorithms whose :meth:`lockstep` is true."""
+        raise NotImplementedError
+
+    def aggregation_weight(self, shard: int, settings: ClientSettings) -> int:
+        """A client's weight in the aggregation, sent with its update: its sample count."""
+        return shard
 
     def client_round(self, ctx: ClientRound) -> dict[str, float]:
         """Train one client from the global parameters already in ``ctx.model``; -> its stats.
@@ -159,6 +182,10 @@ class Algorithm:
     def server_body(self, model: "PromptedViT", device: torch.device) -> FrozenBody:
         """What the server does with activations: here a frozen body, served in any order and batched."""
         return FrozenBody(model, device, bf16=self.cfg.comm.server_dtype == "bfloat16")
+
+    def server_policy(self) -> str:
+        """How the server serves this algorithm's requests (its body's ``policy``; the simulated clock's)."""
+        return FrozenBody.policy
 
     # -- aggregation ------------------------------------------------------------------
     def streams(self) -> bool:

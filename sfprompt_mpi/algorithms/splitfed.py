@@ -32,6 +32,9 @@ class SplitFedFull(SplitFed):
     def server_trained_names(self, model):
         return model.names_in("body")
 
+    def server_policy(self):
+        return TrainedBody.policy
+
     def server_body(self, model, device):
         return TrainedBody(model, device, bf16=self.cfg.comm.server_dtype == "bfloat16",
                            params=self.server_trained_names(model), cfg=self.cfg)

@@ -45,12 +45,12 @@ class Kind(enum.IntEnum):
     """Message kinds. The value is what travels in the header."""
 
     START = 1        # server -> host: round begins; payload int64 client ids for this host
-    PARAMS = 2       # server -> host: global trainable vector F for one client
+    PARAMS = 2       # server -> host: global trainable vector F for one client; aux = its batch size
     ACTS = 3         # client -> server: smashed activations BND; aux=1 if gradients will follow
     BODY_OUT = 4     # server -> client: body output BND
     GRAD_OUT = 5     # client -> server: dL/d(body output) BND
     GRAD_ACTS = 6    # server -> client: dL/d(activations) BND
-    UPDATE = 7       # client -> server: trained trainable vector F; aux = local sample count
+    UPDATE = 7       # client -> server: trained trainable vector F; aux = its aggregation weight
     REJECT = 8       # server -> host: the client's message was refused; it leaves this round
     STOP = 9         # server -> host: no more rounds
     KEEPALIVE = 11   # server -> host: still alive, busy with other clients (restarts the host's wait)

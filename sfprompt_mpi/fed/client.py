@@ -10,6 +10,8 @@ handles the server's control messages.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -65,8 +67,12 @@ class ClientHost:
             expect(msg.header, Kind.START)
             rnd, attempt = attempt_of(msg.header)
             self.mailbox.new_attempt(rnd, attempt)
-            for cid, global_F in self._receive_params(rnd, attempt, msg.payload.tolist()):
-                self._run_client(rnd, attempt, cid, global_F)
+            todo = self._receive_params(rnd, attempt, msg.payload.tolist())
+            if self.algorithm.lockstep():
+                self._run_lockstep(rnd, attempt, todo)
+            else:
+                for cid, batch, global_F in todo:
+                    self._run_client(rnd, attempt, cid, batch, global_F)
             if self.metrics is not None:
                 counts = self.transport.counter.snapshot_and_reset()
                 row = {f"bytes_sent/{k}": v for k, v in counts["sent"].items()}
@@ -74,56 +80,92 @@ class ClientHost:
                 row["peak_mem_mb"] = _peak_mem_mb()
                 self.metrics.log(row, rnd)
 
-    def _receive_params(self, rnd: int, attempt: int, cids: list[int]) -> list[tuple[int, torch.Tensor]]:
-        """The global vector the server sends each selected client right after START."""
-        todo: list[tuple[int, torch.Tensor]] = []
+    def _receive_params(self, rnd: int, attempt: int, cids: list[int]) -> list[tuple[int, int, torch.Tensor]]:
+        """(client, batch size, global vector) the server sends each selected client right after START."""
+        todo: list[tuple[int, int, torch.Tensor]] = []
         for cid in cids:
             params = self.mailbox.recv(f"round {rnd} parameters for client {cid}")
             expect(params.header, Kind.PARAMS, round=rnd, attempt=attempt, client=cid, shape=(self.layout.numel,))
             global_F = params.payload
-            if todo and torch.equal(global_F, todo[-1][1]):
-                global_F = todo[-1][1]  # clients start from the same global vector: keep one copy, not K
-            todo.append((cid, global_F))
+            if todo and torch.equal(global_F, todo[-1][2]):
+                global_F = todo[-1][2]  # clients start from the same global vector: keep one copy, not K
+            todo.append((cid, params.header.aux, global_F))
         return todo
 
-    def _run_client(self, rnd: int, attempt: int, cid: int, global_F: torch.Tensor) -> None:
+    def _run_client(self, rnd: int, attempt: int, cid: int, batch: int, global_F: torch.Tensor) -> None:
         """Train client ``cid`` and send its UPDATE, unless the server dropped it."""
         self.mailbox.drain()
         if self.mailbox.dropped(rnd, attempt, cid):
             log.warning("round %d: client %d was dropped by the server before it started; skipped", rnd, cid)
             return
-        self.mailbox.current = (rnd, attempt, cid)
+        self.mailbox.running = {(rnd, attempt, cid)}
         try:
-            flat_F, n, stats = self.run_client_round(rnd, cid, global_F, attempt)
+            flat_F, n, stats = self.run_client_round(rnd, cid, global_F, attempt, batch)
         except Rejected as exc:
             log.warning("round %d: client %d left the round: %s", rnd, cid, exc)
             return
         finally:
-            self.mailbox.current = None
+            self.mailbox.running = set()
+        self._send_update(rnd, attempt, cid, flat_F, n, stats)
+
+    def _run_lockstep(self, rnd: int, attempt: int, todo: list[tuple[int, int, torch.Tensor]]) -> None:
+        """Train this host's selected clients together, one step of each in turn (the algorithm's
+        :meth:`~sfprompt_mpi.algorithms.base.Algorithm.client_rounds`), each on its own copy of the model."""
+        self.mailbox.drain()
+        ctxs = {}
+        for cid, batch, global_F in todo:
+            if self.mailbox.dropped(rnd, attempt, cid):
+                log.warning("round %d: client %d was dropped by the server before it started; skipped", rnd, cid)
+                continue
+            model = copy.deepcopy(self.model)
+            params = dict(model.named_parameters())
+            trainer = LocalTrainer(self.cfg, model, [params[n] for n in self.layout.names], self.trainer.dataset,
+                                   self.device)
+            ctxs[cid] = self._context(rnd, attempt, cid, batch, global_F, trainer)
+        self.mailbox.running = {(rnd, attempt, cid) for cid in ctxs}
+        try:
+            results = self.algorithm.client_rounds(ctxs)
+        finally:
+            self.mailbox.running = set()
+        for cid, stats in results.items():
+            ctx = ctxs[cid]
+            weight = self.algorithm.aggregation_weight(len(ctx.shard), ctx.settings)
+            self._send_update(rnd, attempt, cid, self.layout.flatten(self.layout.read(ctx.model)), weight, stats)
+
+    def _send_update(self, rnd: int, attempt: int, cid: int, flat_F: torch.Tensor, weight: int, stats: dict) -> None:
         if attempt:
             stats["attempt"] = attempt
         t0 = time.perf_counter()
-        self.transport.send(SERVER, Kind.UPDATE, flat_F, round=rnd, attempt=attempt, client=cid, aux=n)
+        self.transport.send(SERVER, Kind.UPDATE, flat_F, round=rnd, attempt=attempt, client=cid, aux=weight)
         stats["time/upload"] = time.perf_counter() - t0
         if self.metrics is not None:
             # flushed with the round's own row: one flush per round, not per client
             self.metrics.log({f"clients/{cid}/{k}": v for k, v in stats.items()}, rnd, flush=False)
 
-    def run_client_round(self, rnd: int, cid: int, global_F: torch.Tensor,
-                         attempt: int = 0) -> tuple[torch.Tensor, int, dict]:
-        """Train client ``cid`` from the global vector; -> (trained vector, sample count, stats)."""
-        self.layout.write(self.model, self.layout.unflatten(global_F))
-        shard = self.shards[cid]
+    def run_client_round(self, rnd: int, cid: int, global_F: torch.Tensor, attempt: int = 0,
+                         batch: int = 0) -> tuple[torch.Tensor, int, dict]:
+        """Train client ``cid`` from the global vector (``batch``: the batch size the server gave it, 0: its
+        settings'); -> (trained vector, aggregation weight, stats)."""
+        ctx = self._context(rnd, attempt, cid, batch, global_F, self.trainer)
+        stats = self.algorithm.client_round(ctx)
+        weight = self.algorithm.aggregation_weight(len(ctx.shard), ctx.settings)
+        return self.layout.flatten(self.layout.read(ctx.model)), weight, stats
+
+    def _context(self, rnd: int, attempt: int, cid: int, batch: int, global_F: torch.Tensor,
+                 trainer: LocalTrainer) -> ClientRound:
+        """Client ``cid``'s round on ``trainer``'s model, loaded with the global vector."""
+        self.layout.write(trainer.model, self.layout.unflatten(global_F))
         algo = self.algorithm
         remote = None
         if algo.split:
             remote = RemoteBody(self.mailbox, rnd, attempt, cid, wire=wire_dtype(self.cfg.comm.wire_dtype),
                                 device=self.device)
+        settings = algo.client_settings(rnd, cid)
+        if batch:
+            settings = dataclasses.replace(settings, batch_size=batch)
         seed = derive_seed(self.cfg.run.seed, rnd, cid, *([attempt] if attempt else []))  # a retry draws anew
-        ctx = ClientRound(self.model, shard, algo.client_settings(rnd, cid), self.trainer,
-                          torch.Generator().manual_seed(seed), remote)
-        stats = algo.client_round(ctx)
-        return self.layout.flatten(self.layout.read(self.model)), len(shard), stats
+        return ClientRound(trainer.model, self.shards[cid], settings, trainer, torch.Generator().manual_seed(seed),
+                           remote)
 
 
 def _peak_mem_mb() -> float:

@@ -37,29 +37,45 @@ class RemoteBody:
 
     def forward(self, acts_BND: torch.Tensor, need_grad: bool) -> tuple[int, torch.Tensor]:
         """ACTS -> BODY_OUT for the next step; -> (step, body output as float32 on the device)."""
-        step = self.step
-        self.step += 1
-        wire_BND = to_wire(acts_BND, self.wire)
-        reply = self._exchange(Kind.ACTS, wire_BND, step, int(need_grad), "body output")
-        expect(reply.header, Kind.BODY_OUT, round=self.rnd, attempt=self.attempt, client=self.cid, step=step,
-               shape=tuple(acts_BND.shape))
-        return step, from_wire(reply.payload, self.device)
+        step = self.post_acts(acts_BND, need_grad)
+        return step, self.body_out(step, tuple(acts_BND.shape))
 
     def backward(self, step: int, g_BND: torch.Tensor) -> torch.Tensor:
         """GRAD_OUT -> GRAD_ACTS for ``step``; -> dL/d(activations) as float32 on the device."""
-        wire_BND = to_wire(g_BND, self.wire)
-        reply = self._exchange(Kind.GRAD_OUT, wire_BND, step, 0, "activation gradient")
-        expect(reply.header, Kind.GRAD_ACTS, round=self.rnd, attempt=self.attempt, client=self.cid, step=step,
-               shape=tuple(g_BND.shape))
-        return from_wire(reply.payload, self.device)
+        self.post_grad(step, g_BND)
+        return self.grad_acts(step, tuple(g_BND.shape))
 
-    def _exchange(self, kind: Kind, wire_BND: torch.Tensor, step: int, aux: int, what: str):
-        t0 = time.perf_counter()
+    # The halves of an exchange, for clients that run in lockstep (a host sends every client's
+    # activations of a step before it waits for any reply).
+    def post_acts(self, acts_BND: torch.Tensor, need_grad: bool) -> int:
+        """Send the next step's activations (ACTS); -> the step."""
+        step = self.step
+        self.step += 1
+        self._send(Kind.ACTS, to_wire(acts_BND, self.wire), step, int(need_grad))
+        return step
+
+    def body_out(self, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """The server's BODY_OUT for ``step``, as float32 on the device."""
+        return self._reply(Kind.BODY_OUT, step, shape, "body output")
+
+    def post_grad(self, step: int, g_BND: torch.Tensor) -> None:
+        """Send dL/d(body output) of ``step`` (GRAD_OUT)."""
+        self._send(Kind.GRAD_OUT, to_wire(g_BND, self.wire), step, 0)
+
+    def grad_acts(self, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """The server's GRAD_ACTS for ``step``: dL/d(activations), float32 on the device."""
+        return self._reply(Kind.GRAD_ACTS, step, shape, "activation gradient")
+
+    def _send(self, kind: Kind, wire_BND: torch.Tensor, step: int, aux: int) -> None:
         self.transport.send(SERVER, kind, wire_BND, round=self.rnd, attempt=self.attempt, client=self.cid, step=step,
                             aux=aux)
-        reply = self.mailbox.recv(f"round {self.rnd} {what} for client {self.cid} step {step}")
+
+    def _reply(self, kind: Kind, step: int, shape: tuple[int, ...], what: str) -> torch.Tensor:
+        t0 = time.perf_counter()
+        reply = self.mailbox.reply(kind, self.cid, step, f"round {self.rnd} {what} for client {self.cid} step {step}")
         self.waited += time.perf_counter() - t0
-        return reply
+        expect(reply.header, kind, round=self.rnd, attempt=self.attempt, client=self.cid, step=step, shape=shape)
+        return from_wire(reply.payload, self.device)
 
 
 class _BodyFunction(torch.autograd.Function):

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from ..algorithms import build_algorithm
 from ..algorithms.base import Algorithm
 from ..comm.protocol import HEADER_BYTES, Kind, Transport, wire_dtype
-from ..config import Config, clients_per_round
+from ..config import Config
 from ..devices import from_record
 from ..errors import RunStopped
 from ..model.split import PromptedViT
@@ -32,27 +32,20 @@ from .aggregate import Updates
 from .checkpoint import save_checkpoint
 from .checks import Expected
 from .serving import Attempt, BodyService, short
-from .state import Layout, derive_seed
+from .state import Layout
 from .training import iter_batches, take_batch
 
 log = logging.getLogger(__name__)
 
 
 def sim_clock(cfg: Config, algorithm: Algorithm, model: PromptedViT, numel: int, num_clients: int,
-              in_turn: bool) -> SimClock | None:
+              policy: str) -> SimClock | None:
     """The run's simulated clock, from the device profiles it resolved (``cfg.devices``), or None."""
     if cfg.devices is None:
         return None
     from ..estimate import run_pass_flops
     return SimClock(from_record(cfg.devices, num_clients), algorithm, run_pass_flops(cfg, model.vit.num_classes),
-                    numel=numel, in_turn=in_turn)
-
-
-def select_clients(num_clients: int, fraction: float, seed: int, rnd: int) -> list[int]:
-    """The K = max(1, round(fraction * N)) clients of round ``rnd``, ascending."""
-    k = clients_per_round(num_clients, fraction)
-    rng = np.random.default_rng(derive_seed(seed, rnd, 0x5E1EC7))
-    return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
+                    numel=numel, policy=policy)
 
 
 class Server:
@@ -82,7 +75,7 @@ class Server:
         self.service = BodyService(cfg, self.algorithm.server_body(self.model, self.device), transport, hosts,
                                    self._event)
         #: The simulated clock of ``--devices`` (None for 'none'): what each round would take on the devices.
-        self.clock = sim_clock(cfg, self.algorithm, model, layout.numel, self.num_clients, self.service.body.trains)
+        self.clock = sim_clock(cfg, self.algorithm, model, layout.numel, self.num_clients, self.service.body.policy)
         #: The round started last: (round, selected clients, its global vector, when it started).
         self.started: tuple[int, list[int], torch.Tensor, float] | None = None
         #: Asked before each round starts whether to stop instead (a signal, the time budget).
@@ -184,7 +177,7 @@ class Server:
     def _start(self, rnd: int) -> None:
         """Send round ``rnd``'s START and parameters (its first attempt) to every host."""
         t_round = time.perf_counter()
-        selected = select_clients(self.num_clients, self.cfg.fed.fraction, self.cfg.run.seed, rnd)
+        selected = self.algorithm.select_clients(rnd, self.num_clients)
         global_F = self.layout.flatten(self.global_state)
         self._send_start(rnd, 0, selected, global_F)
         self.started = (rnd, selected, global_F, t_round)
@@ -195,7 +188,8 @@ class Server:
             mine = torch.tensor([c for c in cids if c in chosen_set], dtype=torch.int64)
             self.transport.send(rank, Kind.START, mine, round=rnd, attempt=attempt)
             for cid in mine.tolist():
-                self.transport.send(rank, Kind.PARAMS, global_F, round=rnd, attempt=attempt, client=cid)
+                self.transport.send(rank, Kind.PARAMS, global_F, round=rnd, attempt=attempt, client=cid,
+                                    aux=self.algorithm.client_settings(rnd, cid).batch_size)
 
     def _attempts(self, rnd: int, selected: list[int], global_F: torch.Tensor) -> Attempt:
         """Run round ``rnd`` until at least ``--min-clients`` clients survive it; -> the surviving attempt.

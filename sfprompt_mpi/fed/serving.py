@@ -104,20 +104,28 @@ class BodyService:
         a = Attempt(want, updates, set(want.chosen), {rank: now for rank in self.hosts}, now + self.timeout / 2)
         while a.missing():
             msg = self._next(a)
-            if msg is None:
-                continue
-            self._handle(a, msg)
-            # Batch every activation that has already arrived, up to server_batch clients.
-            if a.pending and (self.body.trains or len(a.pending) >= self.server_batch or not self.transport.poll()):
+            if msg is not None:
+                self._handle(a, msg)
+            if self._ready(a):
                 self._forward(a)
         return a
+
+    def _ready(self, a: Attempt) -> bool:
+        """Whether the pending activations go through the body now: a frozen body batches what has
+        arrived (up to ``--server-batch`` clients); a merging body waits for every client still owing."""
+        if not a.pending:
+            return False
+        if self.body.policy == "merge":
+            return {m.header.client for m in a.pending} >= set(a.missing())
+        return self.body.trains or len(a.pending) >= self.server_batch or not self.transport.poll()
 
     def _next(self, a: Attempt) -> Message | None:
         """The next client message, or None after a wait that ended in a timeout or a KEEPALIVE."""
         missing = a.missing()
         # A trained body serves one client at a time, in id order; the others' messages wait in MPI.
-        source = self.host_of[missing[0]] if self.body.trains else ANY_SOURCE
-        owing = {self.host_of[missing[0]]} if self.body.trains else {self.host_of[c] for c in missing}
+        in_turn = self.body.policy == "in_turn"
+        source = self.host_of[missing[0]] if in_turn else ANY_SOURCE
+        owing = {self.host_of[missing[0]]} if in_turn else {self.host_of[c] for c in missing}
         due = min(min(a.heard[r] for r in owing) + self.timeout, a.next_ping)
         t0 = time.perf_counter()
         msg = None
@@ -198,6 +206,8 @@ class BodyService:
     def _forward(self, a: Attempt) -> None:
         """One body pass over the pending activations; their outputs go back to the clients."""
         members, a.pending = a.pending, []
+        if self.body.policy == "merge":  # a merged batch in client order, whatever the arrival order
+            members.sort(key=lambda m: m.header.client)
         keep = self.body.trains or sum(g.out_BND is not None for g in a.groups.values()) < self.max_pending
         t0 = time.perf_counter()
         acts_BND = from_wire(torch.cat([m.payload for m in members]), self.body.device)
@@ -229,7 +239,7 @@ class BodyService:
                 out_BND = self.body.forward(leaf_BND)
         else:
             leaf_BND, out_BND = group.acts_BND, group.out_BND
-        g_BND = self.body.backward(out_BND, leaf_BND, grad_BND)
+        g_BND = self.body.backward(out_BND, leaf_BND, grad_BND, [m.header.shape[0] for m in group.members])
         offset = 0
         for m in group.members:
             b = m.header.shape[0]

@@ -11,6 +11,8 @@ import math
 import numpy as np
 import torch
 
+from ..config import clients_per_round
+
 
 
 def derive_seed(base: int, *parts: int) -> int:
@@ -46,3 +48,10 @@ class Layout:
         with torch.no_grad():
             for n in self.names:
                 params[n].copy_(tensors[n])
+
+
+def select_clients(num_clients: int, fraction: float, seed: int, rnd: int) -> list[int]:
+    """The K = max(1, round(fraction * N)) clients of round ``rnd``, ascending."""
+    k = clients_per_round(num_clients, fraction)
+    rng = np.random.default_rng(derive_seed(seed, rnd, 0x5E1EC7))
+    return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))

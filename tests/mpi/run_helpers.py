@@ -119,16 +119,16 @@ def rank_pid(launcher: int, rank: int) -> int | None:
 
 def _run_without(round_client: str, argv: list[str]) -> int:
     """The reference run with one client dropped from one round's selection."""
-    import sfprompt_mpi.fed.server as server
+    from sfprompt_mpi.algorithms.base import Algorithm
     from sfprompt_mpi.run import main
 
     rnd, cid = (int(x) for x in round_client.split(":"))
-    select = server.select_clients
+    select = Algorithm.select_clients
 
-    def select_without(num_clients: int, fraction: float, seed: int, r: int) -> list[int]:
-        return [c for c in select(num_clients, fraction, seed, r) if (r, c) != (rnd, cid)]
+    def select_without(self: Algorithm, r: int, num_clients: int) -> list[int]:
+        return [c for c in select(self, r, num_clients) if (r, c) != (rnd, cid)]
 
-    server.select_clients = select_without
+    Algorithm.select_clients = select_without
     return main(argv)
 
 
