@@ -125,6 +125,25 @@ def test_array_sweep_listing_prints_the_settings_that_produced_it():
     assert 'tasks: DATASETS="digits" SEEDS="0 1" sbatch --array=0-31 jobs/array_sweep.sbatch' in proc.stdout
 
 
+def test_array_sweep_lists_a_clients_axis_and_keeps_its_tasks_without_one():
+    # Prepare: Figure 2's sweep, 2 client counts x 2 algorithms.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(DATASETS="digits", SPLITS="iid", CLIENTS="2 16", ALGOS="sfprompt fl-full", SEEDS="0")
+    # Execute
+    proc = subprocess.run(["bash", str(JOBS / "array_sweep.sbatch")], capture_output=True, text=True,
+                          env=env, timeout=30)
+    bad = subprocess.run(["bash", str(JOBS / "array_sweep.sbatch")], capture_output=True, text=True,
+                         env={**env, "CLIENTS": "2 x"}, timeout=30)
+    # Assert: the clients vary slower than the algorithm, every task lists its count, the command repeats them.
+    assert proc.returncode == 0, proc.stderr
+    tasks = [line.split() for line in proc.stdout.splitlines()[:-1]]
+    assert [(t[0], t[3], t[5]) for t in tasks] == [("0", "2", "sfprompt"), ("1", "2", "fl-full"),
+                                                   ("2", "16", "sfprompt"), ("3", "16", "fl-full")]
+    assert proc.stdout.splitlines()[-1] == ('4 tasks: DATASETS="digits" SPLITS="iid" CLIENTS="2 16" '
+                                            'ALGOS="sfprompt fl-full" SEEDS="0" sbatch --array=0-3 jobs/array_sweep.sbatch')
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "CLIENTS must be client counts" in bad.stderr
+
+
 def _fails_at_once(cluster: SlurmCluster, script: str, tmp_path: Path, args: list[str], env: dict[str, str],
                    needle: str) -> str:
     job_id = cluster.submit(JOBS / script, env=env, args=[*SITE, *args], cwd=tmp_path)
