@@ -236,8 +236,8 @@ def run_tsne(setups: list[tuple[str, str, RunSetup]], out: Path, cap: int, seed:
     untuned_png: dict[int, str] = {}  # runs that share a starting model share its plot
     for label, algo, setup, tuned, untuned in done:
         png = "tsne.png" if len(setups) == 1 else f"tsne-{label}.png"
-        plot_embedding(tuned.xy, tuned.labels, _title(algo, f"after round {setup.round} ({label})", tuned.scores),
-                       out / png)
+        which = f"after round {setup.round}" + ("" if label == algo else f" ({label})")
+        plot_embedding(tuned.xy, tuned.labels, _title(algo, which, tuned.scores), out / png)
         if id(untuned) not in untuned_png:
             untuned_png[id(untuned)] = "tsne_untuned.png" if len(untuned_seen) == 1 else f"tsne_untuned-{label}.png"
             algos = ", ".join(dict.fromkeys(a for _, a, _, _, u in done if u is untuned))
