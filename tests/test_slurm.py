@@ -185,6 +185,9 @@ DRY_RUNS = {
     # Tasks 1 and 2 of (iid, dir0.1) x sfprompt x seeds (3, 4): both split kinds, both seeds.
     "array_sweep": (["--array=1-2", "--ntasks=2"],
                     {"DATASETS": "digits", "SPLITS": "iid dir0.1", "ALGOS": "sfprompt", "SEEDS": "3 4"}),
+    # Tasks 0 and 1 of a clients axis (1, 4): one client takes 2 of the job's 3 ranks, four take all 3.
+    "array_sweep-clients": (["--array=0-1", "--ntasks=3"],
+                            {"DATASETS": "digits", "SPLITS": "iid", "CLIENTS": "1 4", "ALGOS": "sfprompt", "SEEDS": "0"}),
 }
 
 
@@ -209,6 +212,11 @@ def test_dry_run_through_slurm(cluster, tmp_path, case):
                        "/1-digits_iid-sfprompt-seed4", "/2-digits_dir0.1-sfprompt-seed3"):
             assert needle in text, text
         assert "on digits" in text and "dirichlet" in text
+    if case == "array_sweep-clients":
+        text = "".join(outputs)
+        for needle in ("--ntasks=2 ", "--clients 1 --algo sfprompt", "--clients 4 --algo sfprompt",
+                       "/0-digits_iid-c1-sfprompt-seed0", "/1-digits_iid-c4-sfprompt-seed0"):
+            assert needle in text, text
 
 
 @pytest.mark.slurm
