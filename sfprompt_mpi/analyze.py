@@ -2,6 +2,7 @@
 
     python -m sfprompt_mpi.analyze runs/a                 # -> runs/a/analysis/
     python -m sfprompt_mpi.analyze runs/a runs/b --out cmp --no-plots
+    python -m sfprompt_mpi.analyze runs/a --tsne          # + t-SNE of the features before and after tuning
 
 Prints a summary table (one column per run), writes ``rounds.csv`` (one row
 per run per round), ``summary.json`` and PNG plots: accuracy vs round,
@@ -11,6 +12,7 @@ were written. Every metric is optional. "Up" is what clients sent
 (``bytes_sent/*`` on client ranks), "down" what they received
 (``bytes_recv/*``); a run without client ranks (the single-process
 reference) falls back to the server's received/sent bytes. MB = 10**6 bytes.
+``--tsne``: see :mod:`sfprompt_mpi.tsne`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -249,7 +252,11 @@ TABLE = [("algorithm", "algo", "{}"), ("final accuracy", "final_acc", "{:.4f}"),
      ("body bwd total [s]", "body_bwd_s_total", "{:.2f}"),
      ("queue wait mean [s]", "queue_wait_s_mean", "{:.3f}"),
      ("peak mem server [MB]", "peak_mem_mb_server", "{:.0f}"),
-     ("peak mem client [MB]", "peak_mem_mb_client_max", "{:.0f}")]
+     ("peak mem client [MB]", "peak_mem_mb_client_max", "{:.0f}")] + \
+    [("t-SNE test images", "tsne_samples", "{}")] + \
+    [(f"{name}, {which}", f"{key}_{which}", "{:.3f}") for name, key in
+     (("5-NN accuracy in t-SNE", "knn_acc_2d"), ("silhouette in t-SNE", "silhouette_2d"),
+      ("linear probe accuracy", "linear_probe_acc")) for which in ("tuned", "untuned")]
 
 
 def format_table(summaries: list[dict[str, Any]]) -> str:
@@ -377,6 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-acc", type=float, default=None, metavar="ACC",
                     help="report the round, simulated time and wall time at which each run first reaches "
                          "this test accuracy (0..1)")
+    ap.add_argument("--tsne", action="store_true",
+                    help="also a t-SNE of the pooled test-set features of each run's final model and of its "
+                    "untuned starting model (tsne*.png, tsne.csv; needs the run's checkpoint and dataset)")
+    ap.add_argument("--tsne-samples", type=int, default=1000, metavar="N",
+                    help="test images in the t-SNE, drawn with a fixed seed (default 1000; 0: all)")
+    ap.add_argument("--tsne-seed", type=int, default=0, help="the t-SNE's random state (default 0)")
     ap.error = _parser_error  # type: ignore[method-assign]
     return main_guard(lambda _: _analyze(ap.parse_args(argv)), argv)
 
@@ -399,14 +412,24 @@ def _analyze(args: argparse.Namespace) -> int:
             hit = time_to_target(rows, args.target_acc) or {}
             s.update(target_acc=args.target_acc, target_round=hit.get("round"), target_sim_s=hit.get("sim_s"),
                      target_wall_s=hit.get("wall_s"))
-    print(format_table([s for _, _, s in data]))
     sim = {run.label: client_breakdown(run.server.series, device_names(run.path)) for run in runs if run.server}
     sim = {label: clients for label, clients in sim.items() if clients}
-    for label, clients in sim.items():
-        print(format_breakdown(label, clients))
+    setups = []
+    if args.tsne:  # every run's checkpoint and dataset are checked before any of the work
+        from . import tsne
+        if args.tsne_samples < 0:
+            raise UserError(f"--tsne-samples must be >= 0 (0: the whole test set), got {args.tsne_samples}")
+        setups = [(name, s["algo"] or "?", tsne.check_run(r.path)) for r, name, (_, _, s) in zip(runs, _file_names(runs), data)]
     out = args.out or _out_dir(runs)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if setups:
+            scores = tsne.run_tsne(setups, out, args.tsne_samples, args.tsne_seed)
+            for (_, _, s), (name, _, _) in zip(data, setups):
+                s.update(scores[name])
+        print(format_table([s for _, _, s in data]))
+        for label, clients in sim.items():
+            print(format_breakdown(label, clients))
         write_csv([row for _, rows, _ in data for row in rows], out / "rounds.csv")
         if sim:
             write_csv([{"run": label, **c} for label, clients in sim.items() for c in clients], out / "sim_clients.csv")
@@ -420,9 +443,19 @@ def _analyze(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UserError(f"cannot write the analysis to {out} ({e.strerror or e}); "
                         "choose another directory with --out") from e
+    tsne_files = sorted({f for _, _, s in data for f in (s.get("tsne_png"), s.get("tsne_untuned_png")) if f})
     print(f"wrote {out / 'rounds.csv'}, {out / 'summary.json'}"
-          + "".join(f", {p.name}" for p in plots))
+          + "".join(f", {p.name}" for p in plots) + "".join(f", {f}" for f in tsne_files)
+          + (", tsne.csv" if setups else ""))
     return 0
+
+
+def _file_names(runs: list[Run]) -> list[str]:
+    """A name per run for file names: the directory's name, or its whole path when names repeat."""
+    names = [Path(r.label).name for r in runs]
+    if len(set(names)) < len(names):
+        names = [re.sub(r"[^A-Za-z0-9._+-]+", "_", str(r.path)).strip("_") for r in runs]
+    return names
 
 
 def _out_dir(runs: list[Run]) -> Path:

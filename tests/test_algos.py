@@ -160,6 +160,45 @@ def test_table_refuses_an_unknown_algorithm_with_one_line(capsys):
     assert err == ["error: unknown algorithm fedsgd in --algos (known: " + ", ".join(ALGOS) + ")"]
 
 
+def test_table_with_a_clients_axis_runs_every_algorithm_at_every_count_and_plots_it(tmp_path, capsys, monkeypatch):
+    # Prepare: the FLOP count of every algorithm takes ~10 s per setting; it is not what this test is about.
+    import json
+    from matplotlib.image import imread
+    from sfprompt_mpi import cost, table
+    zero = {"exchanged_params": 0, "client_flops_per_sample": 0.0, "server_flops_per_sample": 0.0}
+    monkeypatch.setattr(cost, "algorithm_costs", lambda cfg, shard, classes: {a: zero for a in ALGOS})
+    out = tmp_path / "fig2"
+    # Execute
+    code = table.main(["--algos", "fl-linear,sfprompt", "--clients", "2,1", "--rounds", "1", "--out", str(out),
+                       "--json", str(tmp_path / "fig2.json"), "--", "--max-train-samples", "48",
+                       "--max-test-samples", "20", "--threads", "1"])
+    # Assert: one run per (algorithm, clients), each with that many clients; one row per algorithm.
+    assert code == 0
+    rows = json.loads((tmp_path / "fig2.json").read_text())
+    assert [(r["algo"], r["clients"]) for r in rows] == [("fl-linear", 1), ("sfprompt", 1),
+                                                          ("fl-linear", 2), ("sfprompt", 2)]
+    for r in rows:
+        assert Path(r["run_dir"]) == out / f"c{r['clients']}" / r["algo"]
+        assert f"clients = {r['clients']}" in (Path(r["run_dir"]) / "config.toml").read_text()
+    lines = capsys.readouterr().out.splitlines()
+    assert "| algorithm | 1 clients | 2 clients |" in lines
+    assert sum(line.startswith("| fl-linear |") or line.startswith("| sfprompt |") for line in lines) == 2
+    assert imread(out / "accuracy_vs_clients.png").std() > 0
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--clients", "0,2"], "counts >= 1"),
+    (["--clients", "two"], "comma-separated client counts"),
+    (["--clients", "2", "--", "--clients", "4"], "given twice"),
+])
+def test_table_refuses_bad_client_counts_with_one_line(capsys, argv, needle):
+    from sfprompt_mpi.table import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
 @pytest.mark.parametrize("algo, has, lacks", [
     ("fl-full", ["whole model on every client", "(every parameter)"], ["prompts", "frozen", "pruning", "wire"]),
     ("fedpeft-adapter", ["whole model on every client", "adapters"], ["prompts", "frozen", "pruning"]),

@@ -189,3 +189,100 @@ def test_the_sweeps_compare_command_works_again_after_its_first_comparison(tmp_p
         done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, (attempt, done.stderr)
     assert any(p.name.startswith("compare-") for p in root.iterdir())
+
+
+# --- t-SNE of the pooled features (SFPrompt's Figures 3-6) ------------------------------------------------------
+
+TINY = ["--clients", "2", "--rounds", "1", "--max-train-samples", "80", "--max-test-samples", "40", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    """Two tiny finished single-process runs on digits with the shipped backbone: sfprompt and fl-linear."""
+    from sfprompt_mpi.run import main as run_main
+    root = tmp_path_factory.mktemp("tsne")
+    for algo in ("sfprompt", "fl-linear"):
+        assert run_main([*TINY, "--algo", algo, "--run-dir", str(root / algo), "--log-level", "WARNING"]) == 0
+    return root
+
+
+def _copy_run(src, dst):
+    import shutil
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("analysis"))
+    return dst
+
+
+def test_tsne_writes_the_plots_and_the_coordinates_of_every_sampled_test_image(finished_runs, tmp_path, capsys):
+    from sfprompt_mpi import tsne
+    run, out = finished_runs / "sfprompt", tmp_path / "a"
+
+    code = analyze.main([str(run), "--tsne", "--tsne-samples", "30", "--out", str(out)])
+    captured = capsys.readouterr()
+
+    assert code == 0
+    for name in ("tsne.png", "tsne_untuned.png"):
+        assert_real_png(out / name)
+    rows = list(csv.DictReader(open(out / "tsne.csv")))
+    assert [sum(r["model"] == m for r in rows) for m in ("tuned", "untuned")] == [30, 30]
+    setup = tsne.check_run(run)
+    _, _, test = tsne.build_models(setup)
+    labels = {int(i): int(test[int(i)][1]) for i in tsne.sample_indices(len(test), 30)}
+    assert {(int(r["test_index"]), int(r["label"])) for r in rows} == set(labels.items())
+    assert all(np.isfinite(float(r["x"])) and np.isfinite(float(r["y"])) for r in rows)
+    s = json.loads((out / "summary.json").read_text())["runs"][0]
+    assert s["tsne_samples"] == 30 and 0 <= s["knn_acc_2d_tuned"] <= 1 and -1 <= s["silhouette_2d_untuned"] <= 1
+    assert "5-NN accuracy in t-SNE, tuned" in captured.out and "tsne.png" in captured.out
+    assert "untuned: features of 30 test images" in captured.err
+
+
+def test_the_tuned_model_is_the_runs_final_model_and_differs_from_the_untuned_one(finished_runs):
+    # Prepare: the checkpoint of the last round, loaded into the model built from the run's config.toml.
+    import torch
+    from sfprompt_mpi import tsne
+    from sfprompt_mpi.fed.training import take_batch
+    run = finished_runs / "sfprompt"
+    untuned, tuned, test = tsne.build_models(tsne.check_run(run))
+    images, labels = take_batch(test, list(range(len(test))))
+    # Execute
+    with torch.no_grad():
+        acc = float((tuned(images).argmax(-1) == labels).float().mean())
+    f_tuned, _ = tsne.extract_features(tuned, test, np.arange(len(test)))
+    f_untuned, _ = tsne.extract_features(untuned, test, np.arange(len(test)))
+    # Assert: the tuned model scores what the run logged for its last round; tuning moved the features.
+    s = analyze.summarize(analyze.load_run(run), analyze.round_rows(analyze.load_run(run)))
+    assert acc == pytest.approx(s["final_acc"])
+    assert f_tuned.shape == f_untuned.shape == (len(test), 64)
+    assert not np.allclose(f_tuned, f_untuned)
+
+
+def test_tsne_of_two_runs_names_the_plots_by_run(finished_runs, tmp_path):
+    out = tmp_path / "cmp"
+
+    code = analyze.main([str(finished_runs / "sfprompt"), str(finished_runs / "fl-linear"), "--tsne",
+                         "--tsne-samples", "20", "--no-plots", "--out", str(out)])
+
+    assert code == 0
+    # prompts change the starting model's features: sfprompt and fl-linear start from different models
+    names = {"tsne-sfprompt.png", "tsne-fl-linear.png", "tsne_untuned-sfprompt.png", "tsne_untuned-fl-linear.png"}
+    assert {p.name for p in out.glob("*.png")} == names
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert [r["tsne_png"] for r in runs] == ["tsne-sfprompt.png", "tsne-fl-linear.png"]
+    assert {r["run"] for r in csv.DictReader(open(out / "tsne.csv"))} == {"sfprompt", "fl-linear"}
+
+
+@pytest.mark.parametrize("breakage, needle", [
+    (lambda run: __import__("shutil").rmtree(run / "checkpoint"), "has no checkpoint"),
+    (lambda run: (run / "config.toml").write_text((run / "config.toml").read_text().replace(
+        'dataset = "digits"', 'dataset = "cifar10"').replace('data_dir = "data"', f'data_dir = "{run}/none"')),
+     "dataset cifar10 not found"),
+])
+def test_tsne_without_checkpoint_or_dataset_is_one_line_and_exit_2(finished_runs, tmp_path, capsys, breakage, needle):
+    run = _copy_run(finished_runs / "sfprompt", tmp_path / "broken")
+    breakage(run)
+
+    code = analyze.main([str(run), "--tsne"])
+    captured = capsys.readouterr()
+
+    assert code == 2
+    assert captured.err.count("\n") == 1 and needle in captured.err, captured.err
+    assert not (run / "analysis").exists()

@@ -125,6 +125,25 @@ def test_array_sweep_listing_prints_the_settings_that_produced_it():
     assert 'tasks: DATASETS="digits" SEEDS="0 1" sbatch --array=0-31 jobs/array_sweep.sbatch' in proc.stdout
 
 
+def test_array_sweep_lists_a_clients_axis_and_keeps_its_tasks_without_one():
+    # Prepare: Figure 2's sweep, 2 client counts x 2 algorithms.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(DATASETS="digits", SPLITS="iid", CLIENTS="2 16", ALGOS="sfprompt fl-full", SEEDS="0")
+    # Execute
+    proc = subprocess.run(["bash", str(JOBS / "array_sweep.sbatch")], capture_output=True, text=True,
+                          env=env, timeout=30)
+    bad = subprocess.run(["bash", str(JOBS / "array_sweep.sbatch")], capture_output=True, text=True,
+                         env={**env, "CLIENTS": "2 x"}, timeout=30)
+    # Assert: the clients vary slower than the algorithm, every task lists its count, the command repeats them.
+    assert proc.returncode == 0, proc.stderr
+    tasks = [line.split() for line in proc.stdout.splitlines()[:-1]]
+    assert [(t[0], t[3], t[5]) for t in tasks] == [("0", "2", "sfprompt"), ("1", "2", "fl-full"),
+                                                   ("2", "16", "sfprompt"), ("3", "16", "fl-full")]
+    assert proc.stdout.splitlines()[-1] == ('4 tasks: DATASETS="digits" SPLITS="iid" CLIENTS="2 16" '
+                                            'ALGOS="sfprompt fl-full" SEEDS="0" sbatch --array=0-3 jobs/array_sweep.sbatch')
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "CLIENTS must be client counts" in bad.stderr
+
+
 def _fails_at_once(cluster: SlurmCluster, script: str, tmp_path: Path, args: list[str], env: dict[str, str],
                    needle: str) -> str:
     job_id = cluster.submit(JOBS / script, env=env, args=[*SITE, *args], cwd=tmp_path)
@@ -166,6 +185,9 @@ DRY_RUNS = {
     # Tasks 1 and 2 of (iid, dir0.1) x sfprompt x seeds (3, 4): both split kinds, both seeds.
     "array_sweep": (["--array=1-2", "--ntasks=2"],
                     {"DATASETS": "digits", "SPLITS": "iid dir0.1", "ALGOS": "sfprompt", "SEEDS": "3 4"}),
+    # Tasks 0 and 1 of a clients axis (1, 4): one client takes 2 of the job's 3 ranks, four take all 3.
+    "array_sweep-clients": (["--array=0-1", "--ntasks=3"],
+                            {"DATASETS": "digits", "SPLITS": "iid", "CLIENTS": "1 4", "ALGOS": "sfprompt", "SEEDS": "0"}),
 }
 
 
@@ -190,6 +212,11 @@ def test_dry_run_through_slurm(cluster, tmp_path, case):
                        "/1-digits_iid-sfprompt-seed4", "/2-digits_dir0.1-sfprompt-seed3"):
             assert needle in text, text
         assert "on digits" in text and "dirichlet" in text
+    if case == "array_sweep-clients":
+        text = "".join(outputs)
+        for needle in ("--ntasks=2 ", "--clients 1 --algo sfprompt", "--clients 4 --algo sfprompt",
+                       "/0-digits_iid-c1-sfprompt-seed0", "/1-digits_iid-c4-sfprompt-seed0"):
+            assert needle in text, text
 
 
 @pytest.mark.slurm

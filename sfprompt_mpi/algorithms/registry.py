@@ -19,3 +19,6 @@ REGISTRY: dict[str, str] = {
 }
 #: The registered names (a live view: ``--algo``'s choices follow the registry).
 ALGOS = REGISTRY.keys()
+#: The algorithms of SFPrompt's Figure 2 (accuracy as one training set is divided among more clients):
+#: ``python -m sfprompt_mpi.table --clients ...`` runs these unless ``--algos`` says otherwise.
+FIGURE2_ALGOS = ("sfprompt", "fl-full", "fl-linear")
