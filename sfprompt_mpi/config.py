@@ -91,6 +91,18 @@ class FedConfig:
     dp_clip: float = _f(0.0, "client-level DP (DP-FedAvg): L2 bound on each client's delta (0: DP off)")
     dp_noise: float = _f(0.0, "client-level DP: noise multiplier z; Gaussian noise of std z * dp_clip / K is added to the mean")
     dp_delta: float = _f(1e-5, "client-level DP: the delta at which the privacy spent (epsilon) is reported")
+    iterations: int = _f(10, "mergesfl: lockstep iterations per round (each client takes one step per iteration)")
+    merge_features: bool = _f(True, "mergesfl: one body pass and step over all clients' activations of an "
+                              "iteration (--no-merge-features: one client after the other, as sfl-full)")
+    batch_regulation: bool = _f(True, "mergesfl: per-client batch sizes from the --devices profiles so that "
+                                "clients finish an iteration together (without --devices: --batch-size for all)")
+    selection: str = _f("kl", "mergesfl: participants by a genetic algorithm minimising the KL divergence of the "
+                        "merged label mixture from the global one (kl), or drawn by the seed (random)",
+                        ("kl", "random"))
+    merge_weights: str = _f("batch", "mergesfl: aggregate the clients' head and tail weighted by batch size, or "
+                            "uniformly", ("batch", "uniform"))
+    min_batch: int = _f(4, "mergesfl: smallest regulated batch")
+    max_batch: int = _f(0, "mergesfl: largest regulated batch (0: 4 x --batch-size)")
     devices: str = _f("none", "the devices the clients stand for, for the simulated clock: none, a preset "
                       "(table1: SFPrompt's 54/12 Mbit/s; jetson: 30 TX2 : 40 Xavier NX : 10 AGX Xavier) or a "
                       ".toml/.csv profile file (see docs/devices.md)")
@@ -328,6 +340,10 @@ def validate(cfg: Config) -> None:
     _check(fe.local_epochs >= 0 and fe.split_epochs >= 0, "fed.local_epochs and fed.split_epochs must be >= 0")
     _check(0 < fe.keep_ratio <= 1, f"fed.keep_ratio must be in (0, 1], got {fe.keep_ratio}")
     _check(fe.batch_size >= 1, f"fed.batch_size must be >= 1, got {fe.batch_size}")
+    _check(fe.iterations >= 1, f"fed.iterations must be >= 1, got {fe.iterations}")
+    _check(fe.min_batch >= 1, f"fed.min_batch must be >= 1, got {fe.min_batch}")
+    _check(fe.max_batch == 0 or fe.max_batch >= fe.min_batch,
+           f"fed.max_batch must be 0 or >= fed.min_batch ({fe.min_batch}), got {fe.max_batch}")
     for key in ("lr", "local_lr", "momentum", "weight_decay"):
         value = getattr(fe, key)
         _check(math.isfinite(value) and value >= 0, f"fed.{key} must be a finite number >= 0, got {value}")

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from .comm.loopback import LoopbackHub
@@ -334,23 +335,29 @@ def _build_server(cfg, model, layout, data, hosts, transport, run_dir, global_st
                 "usable on rank 0%s (--server-device auto; cuda makes this an error)",
                 f" although Slurm allocated GPU(s) {gpus}" if gpus else "")
     metrics = MetricsWriter(run_dir, 0, role="server", attrs=_attrs(cfg, str(device)), resume_round=resume_round)
+    parts = _partition(cfg, data, sum(len(c) for c in hosts.values()))
+    label_counts = np.stack([np.bincount(data.train_labels[p], minlength=data.num_classes) for p in parts])
     server = Server(cfg, model, layout, data.test, hosts, transport, algorithm=build_algorithm(cfg), device=device,
-                    metrics=metrics,
-                    run_dir=str(run_dir), on_round=_progress(cfg), stopper=stopper)
+                    metrics=metrics, run_dir=str(run_dir), on_round=_progress(cfg), stopper=stopper,
+                    label_counts=label_counts)
     if global_state is not None:
         server.load_state(global_state)
     return server, metrics
 
 
 def _build_host(cfg, rank, model, layout, data, hosts, transport, run_dir, resume_round):
-    n = sum(len(c) for c in hosts.values())
-    parts = partition_indices(data.train_labels, n, cfg.data.partition, alpha=cfg.data.alpha,
-                              shards_per_client=cfg.data.shards_per_client, seed=cfg.run.seed)
+    parts = _partition(cfg, data, sum(len(c) for c in hosts.values()))
     shards = {c: parts[c] for c in hosts[rank]}
     metrics = MetricsWriter(run_dir, rank, role="client", attrs=_attrs(cfg, "cpu"), resume_round=resume_round)
     algo = build_algorithm(cfg)
     client_model = apply_client_cut(model) if algo.split else model
     return ClientHost(cfg, algo, client_model, layout, data.train, shards, transport, metrics), metrics
+
+
+def _partition(cfg: Config, data: FedData, n: int) -> list[np.ndarray]:
+    """The training-set indices of each of the ``n`` clients."""
+    return partition_indices(data.train_labels, n, cfg.data.partition, alpha=cfg.data.alpha,
+                             shards_per_client=cfg.data.shards_per_client, seed=cfg.run.seed)
 
 
 def run_reference(cfg, model, layout, data, hosts, run_dir, global_state=None, start=1,

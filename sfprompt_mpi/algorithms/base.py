@@ -48,7 +48,9 @@ if TYPE_CHECKING:
 
 #: Config fields that belong to some algorithms only (the rest apply to every run).
 ALGORITHM_SETTINGS = ("prompt_len", "prompt_depth", "train_head", "adapter_dim", "local_loss", "local_epochs",
-                      "local_lr", "keep_ratio", "server_batch", "max_pending", "server_dtype", "wire_dtype")
+                      "local_lr", "keep_ratio", "server_batch", "max_pending", "server_dtype", "wire_dtype",
+                      "iterations", "merge_features", "batch_regulation", "selection", "merge_weights", "min_batch",
+                      "max_batch")
 #: What split algorithms read of the server's serving settings.
 SPLIT_SETTINGS = frozenset({"server_batch", "max_pending", "server_dtype", "wire_dtype"})
 _CLASSIFIER = "vit.head."  # timm's classifier; fc_norm and the final norm belong to the tail
@@ -60,6 +62,16 @@ class ClientSettings:
 
     batch_size: int
     lr: float
+
+
+@dataclass(frozen=True)
+class ClientsView:
+    """What the server knows of the clients before the first round (:meth:`Algorithm.observe_clients`)."""
+
+    label_counts_NC: np.ndarray | None = None   # clients x classes: each client's label histogram
+    devices: Any = None                         # the resolved sfprompt_mpi.devices.Devices, or None
+    pass_flops: Any = None                      # the run's PassFlops (with devices)
+    sample_bytes: int = 0                       # one sample's activations on the wire
 
 
 @dataclass
@@ -145,9 +157,9 @@ class Algorithm:
         return []
 
     # -- a round -------------------------------------------------------------------
-    def observe_clients(self, label_counts_NC: np.ndarray) -> None:
-        """What the server knows of the clients before the first round: each one's label histogram
-        (clients x classes), for algorithms that select by it. Called on the server only."""
+    def observe_clients(self, view: ClientsView) -> None:
+        """What the server knows of the clients before the first round (their label histograms, devices),
+        for algorithms that select or size by it. Called on the server only."""
 
     def select_clients(self, rnd: int, num_clients: int) -> list[int]:
         """The clients of round ``rnd``, ascending: ``--fraction`` of them, drawn by the seed (server only)."""

@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "fedpeft-adapter": "fedpeft:FedPEFTAdapter",
     "sfl-full": "splitfed:SplitFedFull",
     "sfl-linear": "splitfed:SplitFedLinear",
+    "mergesfl": "mergesfl:MergeSFL",
 }
 #: The registered names (a live view: ``--algo``'s choices follow the registry).
 ALGOS = REGISTRY.keys()

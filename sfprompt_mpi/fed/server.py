@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..algorithms import build_algorithm
-from ..algorithms.base import Algorithm
+from ..algorithms.base import Algorithm, ClientsView
 from ..comm.protocol import HEADER_BYTES, Kind, Transport, wire_dtype
 from ..config import Config
 from ..devices import from_record
@@ -54,7 +54,8 @@ class Server:
     def __init__(self, cfg: Config, model: PromptedViT, layout: Layout, test: Dataset,
                  hosts: dict[int, list[int]], transport: Transport, *, algorithm: Algorithm | None = None,
                  device: torch.device | str = "cpu", metrics: Any = None, run_dir: str | None = None,
-                 on_round: Callable[[int, dict], None] | None = None, stopper: Stopper | None = None) -> None:
+                 on_round: Callable[[int, dict], None] | None = None, stopper: Stopper | None = None,
+                 label_counts: np.ndarray | None = None) -> None:
         self.cfg = cfg
         self.algorithm = algorithm or build_algorithm(cfg)
         self.device = torch.device(device)
@@ -76,6 +77,9 @@ class Server:
                                    self._event)
         #: The simulated clock of ``--devices`` (None for 'none'): what each round would take on the devices.
         self.clock = sim_clock(cfg, self.algorithm, model, layout.numel, self.num_clients, self.service.body.policy)
+        wire = wire_dtype(cfg.comm.wire_dtype).itemsize
+        self.algorithm.observe_clients(ClientsView(label_counts, self.clock and self.clock.devices,
+                                                   self.clock and self.clock.f, model.tokens * model.width * wire))
         #: The round started last: (round, selected clients, its global vector, when it started).
         self.started: tuple[int, list[int], torch.Tensor, float] | None = None
         #: Asked before each round starts whether to stop instead (a signal, the time budget).
