@@ -163,3 +163,14 @@ def test_mergesfl_with_every_mechanism_gives_the_same_run_in_one_process_and_on_
     for key in ("selected", "agg_weights", "sim/round_s", "sim/client_idle_s"):
         np.testing.assert_array_equal(ma[key][1], mb[key][1], err_msg=key)
     assert len(set(ma["agg_weights"][1][0].tolist())) > 1, "batch regulation gave every client the same batch"
+
+
+def test_a_client_dropped_mid_round_leaves_the_merge_without_stalling_the_others(tmp_path):
+    from sfprompt_mpi.metrics.h5 import read_events, read_metrics
+    flags = [*SMALL, "--clients", "4", "--rounds", "2", "--algo", "mergesfl", "--iterations", "3",
+             "--inject-fault", "wrong-shape@rank:1,round:1", "--client-timeout", "60"]
+    assert run.main([*flags, "--run-dir", str(tmp_path / "r")]) == 0
+    m = read_metrics(tmp_path / "r" / "metrics" / "rank00000.h5")
+    assert list(m["clients_dropped"][1]) == [1.0, 0.0]
+    assert [len(s) for s in m["selected"][1]] == [3, 4]
+    assert any(kind == "rejected" for _, kind, _ in read_events(tmp_path / "r" / "metrics" / "rank00000.h5"))
