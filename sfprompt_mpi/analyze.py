@@ -198,6 +198,7 @@ def summarize(run: Run, rows: list[dict[str, Any]]) -> dict[str, Any]:
     s["wall_s"] = sum(col("round_s")) if col("round_s") else None
     s["sim_s"] = col("cum_sim_s")[-1] if col("cum_sim_s") else None
     s["sim_round_s_mean"] = mean("sim_round_s")
+    s["sim_idle_s_mean"] = mean("sim_idle_s")
     s["mean_round_s"] = mean("round_s")
     for p in PHASES:
         s[f"client_{p}_s"] = mean(f"time_{p}")
@@ -239,6 +240,7 @@ TABLE = [("algorithm", "algo", "{}"), ("final accuracy", "final_acc", "{:.4f}"),
          ("last round", "last_round", "{}"), ("final test loss", "final_loss", "{:.4f}"),
          ("wall time [s]", "wall_s", "{:.1f}"), ("mean round [s]", "mean_round_s", "{:.2f}"),
          ("simulated time [s]", "sim_s", "{:.4g}"), ("simulated round [s]", "sim_round_s_mean", "{:.4g}"),
+         ("straggler wait [s/round]", "sim_idle_s_mean", "{:.4g}"),
          ("target accuracy", "target_acc", "{:.4f}"), ("round at target", "target_round", "{}"),
          ("simulated time to target [s]", "target_sim_s", "{:.4g}"),
          ("wall time to target [s]", "target_wall_s", "{:.1f}")] + \

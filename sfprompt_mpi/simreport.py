@@ -23,14 +23,17 @@ PARTS = ("compute", "down", "up", "server", "idle")
 
 
 def add_sim_time(rows: list[dict[str, Any]], server_series: dict[str, dict[int, Any]]) -> None:
-    """Give each round row its ``sim_round_s`` and the cumulative ``cum_sim_s`` (in place)."""
-    rounds = server_series.get("sim/round_s", {})
+    """Give each round row its ``sim_round_s``, the cumulative ``cum_sim_s`` and the clients' mean
+    straggler wait ``sim_idle_s`` (in place)."""
+    rounds, idle = server_series.get("sim/round_s", {}), server_series.get("sim/client_idle_s", {})
     total = 0.0
     for row in rows:
         if row["round"] in rounds:
             total += float(rounds[row["round"]])
             row["sim_round_s"] = float(rounds[row["round"]])
             row["cum_sim_s"] = total
+        if row["round"] in idle:
+            row["sim_idle_s"] = float(np.mean(idle[row["round"]]))
 
 
 def time_to_target(rows: list[dict[str, Any]], target: float) -> dict[str, Any] | None:

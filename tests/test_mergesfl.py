@@ -129,7 +129,7 @@ def test_the_genetic_selection_reaches_the_exhaustive_optimum():
     assert objective(found) < np.median([objective(list(s)) for s in itertools.combinations(range(10), 4)])
 
 
-def test_kl_selection_picks_a_more_balanced_merge_than_random(tmp_path):
+def test_kl_selection_picks_the_best_merge_among_the_rounds_candidates_and_rotates(tmp_path):
     from sfprompt_mpi.metrics.h5 import read_metrics
     flags = [*SMALL, "--max-train-samples", "400", "--clients", "8", "--fraction", "0.25", "--rounds", "3",
              "--partition", "dirichlet", "--alpha", "0.1", "--iterations", "2", "--algo", "mergesfl"]
@@ -142,9 +142,13 @@ def test_kl_selection_picks_a_more_balanced_merge_than_random(tmp_path):
     data = build_data(cfg.data, 32, 4)
     parts = partition_indices(data.train_labels, 8, "dirichlet", alpha=0.1, shards_per_client=2, seed=4)
     counts = np.stack([np.bincount(data.train_labels[p], minlength=10) for p in parts])
-    kls = [merged_kl(counts, list(c), [16, 16]) for c in itertools.combinations(range(8), 2)]
-    for row in chosen:
+    algo = build_algorithm(build_config({"fed": {"algo": "mergesfl"}, "run": {"seed": 4}}))
+    for rnd, row in enumerate(chosen, start=1):
+        pool = algo.candidates(rnd, 8, 2)
+        kls = [merged_kl(counts, list(c), [16, 16]) for c in itertools.combinations(pool, 2)]
+        assert set(row.tolist()) <= set(pool) and len(pool) == 4
         assert merged_kl(counts, row.tolist(), [16, 16]) == pytest.approx(min(kls), rel=1e-9)
+    assert len({tuple(r) for r in chosen.tolist()}) > 1, "the selection never rotated"
 
 
 @pytest.mark.mpi

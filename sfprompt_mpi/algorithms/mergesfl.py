@@ -21,9 +21,11 @@ Three mechanisms, each with an ablation switch:
   (its ``mbps``) within an iteration.
 - **Participant selection** (``--selection kl``): a genetic algorithm picks the
   K clients whose merged label mixture sum_i d_i p_i / sum_i d_i is closest to
-  the global label distribution in KL divergence (the label histograms are read
-  from the partition: in the U-shaped split labels never travel, so the server
-  learns them here as it would from the clients' reports).
+  the global label distribution in KL divergence, among 2K candidates drawn by
+  the seed each round (our choice: over all N the same K win every round when
+  the devices do not change). The label histograms are read from the
+  partition: in the U-shaped split labels never travel, so the server learns
+  them here as it would from the clients' reports.
 
 Clients' head and tail are averaged weighted by their batch sizes
 (``--merge-weights batch``) or uniformly.
@@ -70,14 +72,22 @@ class MergeSFL(SplitFedFull):
         fed = self.cfg.fed
         if fed.selection == "kl" and self.view is not None and self.view.label_counts_NC is not None:
             k = len(super().select_clients(rnd, num_clients))
+            pool = self.candidates(rnd, num_clients, k)
             rng = np.random.default_rng(derive_seed(self.cfg.run.seed, rnd, 0x6A))
-            chosen = genetic_selection(self._objective, num_clients, k, rng)
+            chosen = sorted(pool[i] for i in genetic_selection(lambda ids: self._objective([pool[i] for i in ids]),
+                                                                len(pool), k, rng))
         else:
             chosen = super().select_clients(rnd, num_clients)
         self.batches[rnd] = self.regulate(chosen)
         for old in [r for r in self.batches if r < rnd - 1]:
             del self.batches[old]
         return chosen
+
+    def candidates(self, rnd: int, num_clients: int, k: int) -> list[int]:
+        """The clients round ``rnd`` selects from: 2k of them drawn by the seed (all when fewer), so that the
+        selection rotates; with every client a candidate, the same K would win every round."""
+        rng = np.random.default_rng(derive_seed(self.cfg.run.seed, rnd, 0xCA7D))
+        return sorted(rng.permutation(num_clients)[:min(num_clients, 2 * k)].tolist())
 
     def regulate(self, chosen: list[int]) -> dict[int, int]:
         """The batch of each chosen client (``--batch-size`` for all without regulation or devices)."""
