@@ -16,6 +16,9 @@ REGISTRY: dict[str, str] = {
     "fedpeft-adapter": "fedpeft:FedPEFTAdapter",
     "sfl-full": "splitfed:SplitFedFull",
     "sfl-linear": "splitfed:SplitFedLinear",
+    "fedlora": "lora:FedLoRA",
+    "hetlora": "lora:HetLoRA",
+    "legend": "legend:Legend",
 }
 #: The registered names (a live view: ``--algo``'s choices follow the registry).
 ALGOS = REGISTRY.keys()

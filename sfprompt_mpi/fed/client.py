@@ -79,7 +79,9 @@ class ClientHost:
         todo: list[tuple[int, torch.Tensor]] = []
         for cid in cids:
             params = self.mailbox.recv(f"round {rnd} parameters for client {cid}")
-            expect(params.header, Kind.PARAMS, round=rnd, attempt=attempt, client=cid, shape=(self.layout.numel,))
+            idx = self.algorithm.wire_index(rnd, cid)
+            held = self.layout.numel if idx is None else idx.numel()
+            expect(params.header, Kind.PARAMS, round=rnd, attempt=attempt, client=cid, shape=(held,))
             global_F = params.payload
             if todo and torch.equal(global_F, todo[-1][1]):
                 global_F = todo[-1][1]  # clients start from the same global vector: keep one copy, not K
@@ -111,7 +113,13 @@ class ClientHost:
 
     def run_client_round(self, rnd: int, cid: int, global_F: torch.Tensor,
                          attempt: int = 0) -> tuple[torch.Tensor, int, dict]:
-        """Train client ``cid`` from the global vector; -> (trained vector, sample count, stats)."""
+        """Train client ``cid`` from the global vector (the part it holds); -> (its trained part, sample
+        count, stats). Positions it does not hold are zero on its side."""
+        idx = self.algorithm.wire_index(rnd, cid)
+        if idx is not None:
+            full_F = torch.zeros(self.layout.numel, dtype=torch.float32)
+            full_F[idx] = global_F
+            global_F = full_F
         self.layout.write(self.model, self.layout.unflatten(global_F))
         shard = self.shards[cid]
         algo = self.algorithm
@@ -121,9 +129,10 @@ class ClientHost:
                                 device=self.device)
         seed = derive_seed(self.cfg.run.seed, rnd, cid, *([attempt] if attempt else []))  # a retry draws anew
         ctx = ClientRound(self.model, shard, algo.client_settings(rnd, cid), self.trainer,
-                          torch.Generator().manual_seed(seed), remote)
+                          torch.Generator().manual_seed(seed), remote, rnd, cid)
         stats = algo.client_round(ctx)
-        return self.layout.flatten(self.layout.read(self.model)), len(shard), stats
+        flat_F = self.layout.flatten(self.layout.read(self.model))
+        return (flat_F if idx is None else flat_F[idx]), len(shard), stats
 
 
 def _peak_mem_mb() -> float:
