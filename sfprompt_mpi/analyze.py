@@ -32,6 +32,7 @@ import numpy as np
 from .cli import main_guard
 from .errors import UserError
 from .metrics.h5 import read_attrs, read_events, read_metrics
+from .choices import choice_rows, format_choices
 from .simreport import add_sim_time, client_breakdown, device_names, format_breakdown, time_to_target, \
     write_breakdown_plot
 
@@ -404,10 +405,16 @@ def _analyze(args: argparse.Namespace) -> int:
     sim = {label: clients for label, clients in sim.items() if clients}
     for label, clients in sim.items():
         print(format_breakdown(label, clients))
+    choices = {run.label: choice_rows(run.label, run.ranks) for run in runs}
+    for label, rows in choices.items():
+        if rows:
+            print(format_choices(label, rows))
     out = args.out or _out_dir(runs)
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_csv([row for _, rows, _ in data for row in rows], out / "rounds.csv")
+        if any(choices.values()):
+            write_csv([r for rows in choices.values() for r in rows], out / "choices.csv")
         if sim:
             write_csv([{"run": label, **c} for label, clients in sim.items() for c in clients], out / "sim_clients.csv")
         (out / "summary.json").write_text(json.dumps(
