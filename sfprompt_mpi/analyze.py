@@ -35,6 +35,7 @@ import numpy as np
 from .cli import main_guard
 from .errors import UserError
 from .metrics.h5 import read_attrs, read_events, read_metrics
+from .choices import choice_rows, format_choices
 from .simreport import add_sim_time, client_breakdown, device_names, format_breakdown, time_to_target, \
     write_breakdown_plot
 
@@ -422,6 +423,7 @@ def _analyze(args: argparse.Namespace) -> int:
         if args.tsne_samples < 0:
             raise UserError(f"--tsne-samples must be >= 0 (0: the whole test set), got {args.tsne_samples}")
         setups = [(name, s["algo"] or "?", tsne.check_run(r.path)) for r, name, (_, _, s) in zip(runs, _file_names(runs), data)]
+    choices = {run.label: choice_rows(run.label, run.ranks) for run in runs}
     out = args.out or _out_dir(runs)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -432,7 +434,12 @@ def _analyze(args: argparse.Namespace) -> int:
         print(format_table([s for _, _, s in data]))
         for label, clients in sim.items():
             print(format_breakdown(label, clients))
+        for label, rows in choices.items():
+            if rows:
+                print(format_choices(label, rows))
         write_csv([row for _, rows, _ in data for row in rows], out / "rounds.csv")
+        if any(choices.values()):
+            write_csv([r for rows in choices.values() for r in rows], out / "choices.csv")
         if sim:
             write_csv([{"run": label, **c} for label, clients in sim.items() for c in clients], out / "sim_clients.csv")
         (out / "summary.json").write_text(json.dumps(

@@ -53,6 +53,13 @@ class ModelConfig:
     pretrained: bool = _f(True, "start from pretrained weights: timm's (cached or reachable) for timm names, the shipped fractal-pretrained ones for the CPU models; --no-pretrained: random init; --checkpoint wins")
     checkpoint: str = _f("", "local weights file for the backbone (timm .pth/.bin or .safetensors)")
     adapter_dim: int = _f(8, "bottleneck width of the adapters of --algo fedpeft-adapter")
+    lora_targets: str = _f("qkv,proj,fc1,fc2", "projections carrying LoRA in each LoRA block (fedlora, hetlora, legend): some of qkv, proj (attention), fc1, fc2 (MLP)")
+    lora_rank: int = _f(8, "LoRA rank of --algo fedlora; the largest rank hetlora and legend give a device")
+    lora_alpha: float = _f(16.0, "LoRA scale numerator: a module of rank r (the model's) adds (alpha / r) B A x")
+    lora_depth: int = _f(0, "blocks carrying LoRA in --algo fedlora, counted from the output (0: every block)")
+    lora_ranks: str = _f("", "per-block ranks of fedlora's LoRA blocks, input side to output, e.g. '4,8,16' (one per block of --lora-depth); empty: --lora-rank everywhere")
+    lora_min_rank: int = _f(2, "smallest rank hetlora and legend give a device (ranks are powers of two times it, up to --lora-rank)")
+    legend_min_depth: int = _f(1, "smallest LoRA depth legend gives a device (blocks from the output)")
 
 
 @dataclass
@@ -330,6 +337,7 @@ def validate(cfg: Config) -> None:
     _check(m.tail_blocks >= 0, "model.tail_blocks must be >= 0")
     _check(m.prompt_len >= 0, f"model.prompt_len must be >= 0, got {m.prompt_len}")
     _check(m.adapter_dim >= 1, f"model.adapter_dim must be >= 1, got {m.adapter_dim}")
+    _check_lora(m, fe)
     _check(d.alpha > 0 and math.isfinite(d.alpha), f"data.alpha must be > 0, got {d.alpha}")
     _check(d.shards_per_client >= 1, "data.shards_per_client must be >= 1")
     _check(d.max_train_samples >= 0 and d.max_test_samples >= 0, "data.max_*_samples must be >= 0")
@@ -391,6 +399,30 @@ def parse_fault(spec: str) -> Fault:
     _check(fault.kind in FAULTS, f"run.inject_fault kind {fault.kind!r} is not one of {', '.join(FAULTS)}")
     _check(fault.rank >= 1, "run.inject_fault rank must be a client rank (>= 1)")
     return fault
+
+
+def _check_lora(m: ModelConfig, fe: FedConfig) -> None:
+    """The LoRA settings (fedlora, hetlora, legend)."""
+    targets = [t.strip() for t in m.lora_targets.split(",") if t.strip()]
+    _check(bool(targets) and set(targets) <= {"qkv", "proj", "fc1", "fc2"},
+           f"model.lora_targets must be some of qkv,proj,fc1,fc2 (comma-separated), got {m.lora_targets!r}")
+    _check(m.lora_rank >= 1, f"model.lora_rank must be >= 1, got {m.lora_rank}")
+    _check(math.isfinite(m.lora_alpha) and m.lora_alpha > 0, f"model.lora_alpha must be > 0, got {m.lora_alpha}")
+    _check(m.lora_depth >= 0, f"model.lora_depth must be >= 0 (0: every block), got {m.lora_depth}")
+    _check(1 <= m.lora_min_rank <= m.lora_rank,
+           f"model.lora_min_rank must be in 1..lora_rank ({m.lora_rank}), got {m.lora_min_rank}")
+    _check(m.legend_min_depth >= 1, f"model.legend_min_depth must be >= 1, got {m.legend_min_depth}")
+    try:
+        ranks = [int(r) for r in m.lora_ranks.split(",")] if m.lora_ranks.strip() else []
+    except ValueError:
+        ranks = [0]
+    _check(all(r >= 1 for r in ranks), f"model.lora_ranks must be comma-separated ranks >= 1, got {m.lora_ranks!r}")
+    _check(not ranks or m.lora_depth in (0, len(ranks)),
+           f"model.lora_ranks gives {len(ranks)} ranks but model.lora_depth is {m.lora_depth}; give one per LoRA block")
+    if fe.algo in ("hetlora", "legend"):
+        _check(fe.aggregator == "fedavg" and fe.dp_clip == 0,
+               f"--algo {fe.algo} averages each LoRA position over the clients that hold it (exact FedAvg); "
+               f"drop --aggregator {fe.aggregator} and --dp-clip")
 
 
 def _check(ok: bool, message: str) -> None:

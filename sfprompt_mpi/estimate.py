@@ -302,8 +302,9 @@ def simulated_round(cfg: Config, num_classes: int, shard: int, devices) -> "Roun
     wire, grad = WIRE_BYTES[cfg.comm.wire_dtype], needs_grad(model, layout)
     batches = batch_sizes(algo.kept_count(shard), cfg.fed.batch_size) * cfg.fed.split_epochs if algo.split else []
     requests = [(i, b, HEADER_BYTES + b * model.tokens * model.width * wire, grad) for i, b in enumerate(batches)]
-    one = HEADER_BYTES + FLOAT32_BYTES * layout.numel
     selected = range(clients_per_round(len(devices.clients), cfg.fed.fraction))
+    algo.start(model, {c: shard for c in range(len(devices.clients))})
+    held = {c: algo.wire_index(1, c) for c in selected}   # the part of the vector each client holds
+    one = {c: HEADER_BYTES + FLOAT32_BYTES * (layout.numel if held[c] is None else held[c].numel()) for c in selected}
     clock = SimClock(devices, algo, f, numel=layout.numel, policy=algo.server_policy())
-    return clock.round({c: shard for c in selected}, {c: requests for c in selected}, {c: one for c in selected},
-                       params_bytes=one)
+    return clock.round({c: shard for c in selected}, {c: requests for c in selected}, one, params_bytes=one, rnd=1)

@@ -153,7 +153,9 @@ def device_profiles(cfg: Config, n: int, classes: int) -> dict[str, Any] | None:
     if devices is None:
         return None
     algo = build_algorithm(cfg)
-    if not algo.adapts_to_memory:
+    if algo.adapts_to_memory:
+        algo.check_devices(devices, classes)
+    else:
         from .estimate import client_memory_bytes
         needs: dict[int, int] = {}
         for cid, device in enumerate(devices.clients):
@@ -335,9 +337,12 @@ def _build_server(cfg, model, layout, data, hosts, transport, run_dir, global_st
                 "usable on rank 0%s (--server-device auto; cuda makes this an error)",
                 f" although Slurm allocated GPU(s) {gpus}" if gpus else "")
     metrics = MetricsWriter(run_dir, 0, role="server", attrs=_attrs(cfg, str(device)), resume_round=resume_round)
-    parts = _partition(cfg, data, sum(len(c) for c in hosts.values()))
+    n = sum(len(c) for c in hosts.values())
+    parts = _partition(cfg, data, n)
     label_counts = np.stack([np.bincount(data.train_labels[p], minlength=data.num_classes) for p in parts])
-    server = Server(cfg, model, layout, data.test, hosts, transport, algorithm=build_algorithm(cfg), device=device,
+    algo = build_algorithm(cfg)
+    algo.start(model, {c: len(p) for c, p in enumerate(parts)})
+    server = Server(cfg, model, layout, data.test, hosts, transport, algorithm=algo, device=device,
                     metrics=metrics, run_dir=str(run_dir), on_round=_progress(cfg), stopper=stopper,
                     label_counts=label_counts)
     if global_state is not None:
@@ -350,6 +355,7 @@ def _build_host(cfg, rank, model, layout, data, hosts, transport, run_dir, resum
     shards = {c: parts[c] for c in hosts[rank]}
     metrics = MetricsWriter(run_dir, rank, role="client", attrs=_attrs(cfg, "cpu"), resume_round=resume_round)
     algo = build_algorithm(cfg)
+    algo.start(model, {c: len(p) for c, p in enumerate(parts)})
     client_model = apply_client_cut(model) if algo.split else model
     return ClientHost(cfg, algo, client_model, layout, data.train, shards, transport, metrics), metrics
 

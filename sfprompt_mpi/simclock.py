@@ -167,15 +167,16 @@ class SimClock:
         self.last: RoundTime | None = None
 
     def round(self, shards: dict[int, int], requests: dict[int, list[tuple[int, int, int, bool]]],
-              update_bytes: dict[int, int], params_bytes: int) -> RoundTime:
-        """The round of the clients in ``shards`` (id -> samples): their requests, update sizes, and the
-        size of the parameter message each received."""
+              update_bytes: dict[int, int], params_bytes: int | dict[int, int], rnd: int = 0) -> RoundTime:
+        """Round ``rnd`` of the clients in ``shards`` (id -> samples): their requests, update sizes, and
+        the size of the parameter message each received (one size for all, or per client)."""
         plans = {}
         for c, shard in shards.items():
-            phases = self.algorithm.client_flops(shard, self.f)
+            phases = self.algorithm.round_flops(rnd, c, shard, self.f)
             pre = sum(v for k, v in phases.items() if k != "split")
             steps = [(b, n, g) for _, b, n, g in sorted(requests.get(c, []))]
-            plans[c] = client_plan(params_bytes=params_bytes, pre_flops=pre, requests=steps,
+            down = params_bytes[c] if isinstance(params_bytes, dict) else params_bytes
+            plans[c] = client_plan(params_bytes=down, pre_flops=pre, requests=steps,
                                    update_bytes=update_bytes[c], f=self.f)
         self.last = simulate(plans, self.devices, policy=self.policy, aggregate_flops=len(plans) * self.numel)
         return self.last

@@ -31,7 +31,7 @@ from sfprompt_mpi.runtime import run_reference
 
 import run_helpers as helpers  # tests/mpi, put on sys.path by tests/conftest.py
 
-FLAGS = ["--clients", "4", "--rounds", "2", "--max-train-samples", "160", "--max-test-samples", "60",
+FLAGS = ["--clients", "4", "--rounds", "2", "--devices", "jetson", "--max-train-samples", "160", "--max-test-samples", "60",
          "--threads", "1", "--batch-size", "16", "--seed", "5", "--server-batch", "1"]
 SCRIPT = str(Path(helpers.__file__).with_name("all_algos.py"))
 

@@ -16,6 +16,9 @@ accounting) is shared and never asks for an algorithm by name:
   reach the server's body through ``ctx.remote_body``,
 - **what the server does with activations**: :meth:`~Algorithm.server_body`
   (a frozen body served in any order and batched, or a body it trains),
+- **what each client holds of the vector**: :meth:`~Algorithm.wire_index` (all of it, or a part
+  per client and round: LoRA of per-device ranks and depths), with :meth:`~Algorithm.start`
+  telling the algorithm the model and every client's sample count on each role,
 - **how updates are aggregated**: :meth:`~Algorithm.streams` and
   :meth:`~Algorithm.aggregate` (updates of different shapes override both),
 - **what it costs**: :meth:`~Algorithm.kept_count`,
@@ -47,10 +50,11 @@ if TYPE_CHECKING:
     from ..model.split import PromptedViT
 
 #: Config fields that belong to some algorithms only (the rest apply to every run).
-ALGORITHM_SETTINGS = ("prompt_len", "prompt_depth", "train_head", "adapter_dim", "local_loss", "local_epochs",
-                      "local_lr", "keep_ratio", "server_batch", "max_pending", "server_dtype", "wire_dtype",
-                      "iterations", "merge_features", "batch_regulation", "selection", "merge_weights", "min_batch",
-                      "max_batch")
+ALGORITHM_SETTINGS = ("prompt_len", "prompt_depth", "train_head", "adapter_dim", "lora_targets", "lora_rank",
+                      "lora_alpha", "lora_depth", "lora_ranks", "lora_min_rank", "legend_min_depth", "local_loss",
+                      "local_epochs", "local_lr", "keep_ratio", "server_batch", "max_pending", "server_dtype",
+                      "wire_dtype", "iterations", "merge_features", "batch_regulation", "selection", "merge_weights",
+                      "min_batch", "max_batch")
 #: What split algorithms read of the server's serving settings.
 SPLIT_SETTINGS = frozenset({"server_batch", "max_pending", "server_dtype", "wire_dtype"})
 _CLASSIFIER = "vit.head."  # timm's classifier; fc_norm and the final norm belong to the tail
@@ -90,6 +94,8 @@ class ClientRound:
     trainer: "LocalTrainer"
     generator: torch.Generator             # seeded by (seed, round, client): batch order
     remote_body: Callable[[torch.Tensor], torch.Tensor] | None = None
+    round: int = 0                         # the round and the client this is
+    cid: int = 0
 
     def train(self, forward: Callable[[torch.Tensor], torch.Tensor], indices: np.ndarray, epochs: int,
               lr: float) -> tuple[float, float]:
@@ -156,6 +162,22 @@ class Algorithm:
         """Parameters the server trains itself (checkpointed beside the global vector)."""
         return []
 
+    def start(self, model: "PromptedViT", shards: dict[int, int]) -> None:
+        """Called on the server and on every client host before the first round, with the run's model and
+        every client's sample count (id -> samples): what per-client choices may depend on besides the
+        config, the seed, the round and the device profiles (``cfg.devices``), so both ends make the same."""
+
+    def wire_index(self, rnd: int, cid: int) -> torch.Tensor | None:
+        """Positions of the flat vector client ``cid`` holds in round ``rnd``, or None: all of it.
+
+        The server sends only these values and the client returns only these; on the client the
+        others are zero, and aggregation averages each position over the clients that hold it
+        (:meth:`Updates.mean`). Both ends call it, so it must be a function of what both know."""
+        return None
+
+    def check_devices(self, devices: Any, num_classes: int) -> None:
+        """For algorithms that adapt to memory: refuse (UserError) at setup a device nothing fits."""
+
     # -- a round -------------------------------------------------------------------
     def observe_clients(self, view: ClientsView) -> None:
         """What the server knows of the clients before the first round (their label histograms, devices),
@@ -209,7 +231,7 @@ class Algorithm:
         """The new global vector from the surviving updates by ``--aggregator``, or DP-FedAvg."""
         fed = self.cfg.fed
         if updates.sum is not None:
-            return updates.sum.mean(), {}
+            return updates.mean(global_F), {}
         pairs = updates.in_order()
         if fed.dp_clip > 0:
             new_F, stats = dp_fedavg(global_F, [u for u, _ in pairs], clip=fed.dp_clip, noise=fed.dp_noise,
@@ -234,6 +256,10 @@ class Algorithm:
         if not self.split:
             return {"train": epochs * shard * (f.model_fwd + f.model_bwd)}
         return {"split": epochs * self.kept_count(shard) * (f.head_fwd + f.head_bwd + f.tail_fwd + f.tail_bwd)}
+
+    def round_flops(self, rnd: int, cid: int, shard: int, f: Any) -> dict[str, int]:
+        """:meth:`client_flops` of client ``cid`` in round ``rnd`` (per-client work: what the clock prices)."""
+        return self.client_flops(shard, f)
 
     def server_flops(self, shard: int, f: Any) -> int:
         """FLOPs the server spends on one such client in one round: body fwd (+bwd) over its kept samples."""

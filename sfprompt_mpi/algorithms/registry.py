@@ -17,6 +17,9 @@ REGISTRY: dict[str, str] = {
     "sfl-full": "splitfed:SplitFedFull",
     "sfl-linear": "splitfed:SplitFedLinear",
     "mergesfl": "mergesfl:MergeSFL",
+    "fedlora": "lora:FedLoRA",
+    "hetlora": "lora:HetLoRA",
+    "legend": "legend:Legend",
 }
 #: The registered names (a live view: ``--algo``'s choices follow the registry).
 ALGOS = REGISTRY.keys()

@@ -29,7 +29,7 @@ What one client can do to the global vector, per aggregator (K clients):
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -150,12 +150,28 @@ class Updates:
     The other aggregators and DP-FedAvg keep every vector until the end.
     """
 
-    def __init__(self, numel: int, streaming: bool) -> None:
+    def __init__(self, numel: int, streaming: bool,
+                 index: Callable[[int], torch.Tensor | None] | None = None) -> None:
+        self.numel = numel
         self.counts: dict[int, int] = {}                # client id -> sample count
         self.vectors: dict[int, torch.Tensor] = {}      # kept only when not streaming
         self.sum = ExactSum(numel) if streaming else None
+        #: client id -> the positions it holds (None: all); its update carries just those values
+        self.index = index
+        #: per position, the summed sample counts of the clients holding it (when some hold a part)
+        self.cover_F: torch.Tensor | None = None
 
     def add(self, cid: int, x_F: torch.Tensor, count: int) -> None:
+        """Take client ``cid``'s update (only its positions, when ``index`` says it holds a part)."""
+        idx = self.index(cid) if self.index is not None else None
+        if idx is not None:
+            full_F = torch.zeros(self.numel, dtype=torch.float32)
+            full_F[idx] = x_F.reshape(-1).to(torch.float32)
+            x_F = full_F
+        if self.index is not None:
+            if self.cover_F is None:
+                self.cover_F = torch.zeros(self.numel, dtype=torch.int64)
+            self.cover_F[slice(None) if idx is None else idx] += int(count)
         if self.sum is not None:
             self.sum.add(x_F, count)
         else:
@@ -164,6 +180,22 @@ class Updates:
 
     def __len__(self) -> int:
         return len(self.counts)
+
+    def mean(self, global_F: torch.Tensor) -> torch.Tensor:
+        """The exact FedAvg: each position's weighted mean over the clients that hold it (all of them
+        unless ``index`` says otherwise); a position no client holds keeps ``global_F``'s value."""
+        acc = self.sum
+        if acc is None:
+            acc = ExactSum(self.numel)
+            for x_F, w in self.in_order():
+                acc.add(x_F, w)
+        if self.cover_F is None:
+            return acc.mean()
+        held_F = self.cover_F > 0
+        total_F = acc.total()
+        out_F = global_F.detach().to("cpu", torch.float64).clone()
+        out_F[held_F] = total_F[held_F] / self.cover_F[held_F].to(torch.float64)
+        return out_F.to(torch.float32)
 
     def ids(self) -> list[int]:
         """Client ids that sent an update, ascending."""

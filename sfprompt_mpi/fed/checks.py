@@ -36,6 +36,7 @@ class Expected:
     width: int                          # D of the activations
     batch_size: Callable[[int], int]    # client id -> its largest batch this round
     wire: torch.dtype                   # activations and gradients on the wire
+    held: Callable[[int], int] | None = None   # client id -> length of its update, when not all of F
 
 
 def check_message(msg: Message, want: Expected, active: set[int],
@@ -64,7 +65,7 @@ def check_message(msg: Message, want: Expected, active: set[int],
             raise Late(f"client {h.client} already left round {want.round}")
         raise ProtocolError(f"client {h.client} is not selected in round {want.round}")
     if h.kind == Kind.UPDATE:
-        expect(h, Kind.UPDATE, shape=(want.numel,), dtype=torch.float32)
+        expect(h, Kind.UPDATE, shape=(want.numel if want.held is None else want.held(h.client),), dtype=torch.float32)
         if not 1 <= h.aux <= MAX_WEIGHT:
             raise ProtocolError(f"update with sample count {h.aux} (must be 1..{MAX_WEIGHT})")
     else:

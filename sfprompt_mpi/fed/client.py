@@ -85,7 +85,9 @@ class ClientHost:
         todo: list[tuple[int, int, torch.Tensor]] = []
         for cid in cids:
             params = self.mailbox.recv(f"round {rnd} parameters for client {cid}")
-            expect(params.header, Kind.PARAMS, round=rnd, attempt=attempt, client=cid, shape=(self.layout.numel,))
+            idx = self.algorithm.wire_index(rnd, cid)
+            held = self.layout.numel if idx is None else idx.numel()
+            expect(params.header, Kind.PARAMS, round=rnd, attempt=attempt, client=cid, shape=(held,))
             global_F = params.payload
             if todo and torch.equal(global_F, todo[-1][2]):
                 global_F = todo[-1][2]  # clients start from the same global vector: keep one copy, not K
@@ -130,7 +132,7 @@ class ClientHost:
         for cid, stats in results.items():
             ctx = ctxs[cid]
             weight = self.algorithm.aggregation_weight(len(ctx.shard), ctx.settings)
-            self._send_update(rnd, attempt, cid, self.layout.flatten(self.layout.read(ctx.model)), weight, stats)
+            self._send_update(rnd, attempt, cid, self._held_part(rnd, cid, ctx.model), weight, stats)
 
     def _send_update(self, rnd: int, attempt: int, cid: int, flat_F: torch.Tensor, weight: int, stats: dict) -> None:
         if attempt:
@@ -144,16 +146,28 @@ class ClientHost:
 
     def run_client_round(self, rnd: int, cid: int, global_F: torch.Tensor, attempt: int = 0,
                          batch: int = 0) -> tuple[torch.Tensor, int, dict]:
-        """Train client ``cid`` from the global vector (``batch``: the batch size the server gave it, 0: its
-        settings'); -> (trained vector, aggregation weight, stats)."""
+        """Train client ``cid`` from the global vector (the part it holds; ``batch``: the batch size the server
+        gave it, 0: its settings'); -> (its trained part, aggregation weight, stats)."""
         ctx = self._context(rnd, attempt, cid, batch, global_F, self.trainer)
         stats = self.algorithm.client_round(ctx)
         weight = self.algorithm.aggregation_weight(len(ctx.shard), ctx.settings)
-        return self.layout.flatten(self.layout.read(ctx.model)), weight, stats
+        return self._held_part(rnd, cid, ctx.model), weight, stats
+
+    def _held_part(self, rnd: int, cid: int, model: PromptedViT) -> torch.Tensor:
+        """The trained vector of ``model``, the part client ``cid`` holds."""
+        idx = self.algorithm.wire_index(rnd, cid)
+        flat_F = self.layout.flatten(self.layout.read(model))
+        return flat_F if idx is None else flat_F[idx]
 
     def _context(self, rnd: int, attempt: int, cid: int, batch: int, global_F: torch.Tensor,
                  trainer: LocalTrainer) -> ClientRound:
-        """Client ``cid``'s round on ``trainer``'s model, loaded with the global vector."""
+        """Client ``cid``'s round on ``trainer``'s model, loaded with the global vector (the part it holds;
+        the positions it does not hold are zero on its side)."""
+        idx = self.algorithm.wire_index(rnd, cid)
+        if idx is not None:
+            full_F = torch.zeros(self.layout.numel, dtype=torch.float32)
+            full_F[idx] = global_F
+            global_F = full_F
         self.layout.write(trainer.model, self.layout.unflatten(global_F))
         algo = self.algorithm
         remote = None
@@ -165,7 +179,7 @@ class ClientHost:
             settings = dataclasses.replace(settings, batch_size=batch)
         seed = derive_seed(self.cfg.run.seed, rnd, cid, *([attempt] if attempt else []))  # a retry draws anew
         return ClientRound(trainer.model, self.shards[cid], settings, trainer, torch.Generator().manual_seed(seed),
-                           remote)
+                           remote, rnd, cid)
 
 
 def _peak_mem_mb() -> float:

@@ -77,6 +77,8 @@ class Server:
                                    self._event)
         #: The simulated clock of ``--devices`` (None for 'none'): what each round would take on the devices.
         self.clock = sim_clock(cfg, self.algorithm, model, layout.numel, self.num_clients, self.service.body.policy)
+        #: Each client's sample count (from its label histogram), else the clock takes the update's weight.
+        self.shard_sizes = None if label_counts is None else label_counts.sum(1)
         wire = wire_dtype(cfg.comm.wire_dtype).itemsize
         self.algorithm.observe_clients(ClientsView(label_counts, self.clock and self.clock.devices,
                                                    self.clock and self.clock.f, model.tokens * model.width * wire))
@@ -137,8 +139,10 @@ class Server:
                                **served}
         row["bytes_recv_per_client"] = np.array([attempt.client_bytes.get(c, 0) for c in order], dtype=np.float64)
         if self.clock is not None:
-            sim = self.clock.round({c: updates.counts[c] for c in order}, attempt.requests, attempt.update_bytes,
-                                   HEADER_BYTES + global_F.numel() * global_F.element_size())
+            shards = {c: int(self.shard_sizes[c]) if self.shard_sizes is not None else updates.counts[c] for c in order}
+            sim = self.clock.round(shards, attempt.requests, attempt.update_bytes,
+                                   {c: HEADER_BYTES + self._held(rnd, c) * global_F.element_size() for c in order},
+                                   rnd=rnd)
             row.update(round_row(sim, order))
         if rnd % self.cfg.run.eval_every == 0 or rnd == self.cfg.fed.rounds:
             t0 = time.perf_counter()
@@ -192,8 +196,14 @@ class Server:
             mine = torch.tensor([c for c in cids if c in chosen_set], dtype=torch.int64)
             self.transport.send(rank, Kind.START, mine, round=rnd, attempt=attempt)
             for cid in mine.tolist():
-                self.transport.send(rank, Kind.PARAMS, global_F, round=rnd, attempt=attempt, client=cid,
-                                    aux=self.algorithm.client_settings(rnd, cid).batch_size)
+                idx = self.algorithm.wire_index(rnd, cid)   # the part of the vector the client holds
+                self.transport.send(rank, Kind.PARAMS, global_F if idx is None else global_F[idx], round=rnd,
+                                    attempt=attempt, client=cid, aux=self.algorithm.client_settings(rnd, cid).batch_size)
+
+    def _held(self, rnd: int, cid: int) -> int:
+        """How many values of the vector client ``cid`` holds (receives and returns) in round ``rnd``."""
+        idx = self.algorithm.wire_index(rnd, cid)
+        return self.layout.numel if idx is None else idx.numel()
 
     def _attempts(self, rnd: int, selected: list[int], global_F: torch.Tensor) -> Attempt:
         """Run round ``rnd`` until at least ``--min-clients`` clients survive it; -> the surviving attempt.
@@ -209,8 +219,9 @@ class Server:
             chosen = [c for c in selected if c not in excluded]
             if number:  # the first attempt was started by _start
                 self._send_start(rnd, number, chosen, global_F)
-            attempt = self.service.serve(self.expected(rnd, number, chosen), Updates(self.layout.numel,
-                                                                                    self.algorithm.streams()))
+            updates = Updates(self.layout.numel, self.algorithm.streams(),
+                              lambda cid: self.algorithm.wire_index(rnd, cid))
+            attempt = self.service.serve(self.expected(rnd, number, chosen), updates)
             survivors = len(attempt.updates)
             if survivors >= comm.min_clients:
                 return attempt
@@ -233,7 +244,7 @@ class Server:
         algo = self.algorithm
         return Expected(rnd, attempt, self.host_of, frozenset(chosen), self.layout.numel, self.model.tokens,
                         self.model.width, lambda cid: algo.client_settings(rnd, cid).batch_size,
-                        wire_dtype(self.cfg.comm.wire_dtype))
+                        wire_dtype(self.cfg.comm.wire_dtype), lambda cid: self._held(rnd, cid))
 
     def _event(self, rnd: int, kind: str, text: str) -> None:
         if self.metrics is not None:
