@@ -91,7 +91,7 @@ class PlainLoop:
             if "keep_ratio" in reads and fed.keep_ratio < 1.0:
                 shard = shard[self._el2n_keep(shard).numpy()]
             self._epochs(lambda x: m.tail(m.body(m.head(x))), shard, gen, fed.split_epochs, fed.lr)
-        return self.layout.flatten(self.layout.read(self.model))
+        return self.layout.flatten_model(self.model)
 
     def _epochs(self, forward, shard: np.ndarray, gen: torch.Generator, epochs: int, lr: float) -> None:
         fed = self.cfg.fed

@@ -123,7 +123,7 @@ class ClientHost:
         ctx = ClientRound(self.model, shard, algo.client_settings(rnd, cid), self.trainer,
                           torch.Generator().manual_seed(seed), remote)
         stats = algo.client_round(ctx)
-        return self.layout.flatten(self.layout.read(self.model)), len(shard), stats
+        return self.layout.flatten_model(self.model), len(shard), stats
 
 
 def _peak_mem_mb() -> float:
