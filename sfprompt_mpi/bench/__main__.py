@@ -24,11 +24,12 @@ SUITES = {
     "scale": "time per round and memory per rank with 50, 500, 5000 virtual clients",
     "wire": "bytes and accuracy with bfloat16/float16 activations on the wire",
     "limit": "the round against the same arithmetic as a plain PyTorch loop, one process and one per core",
+    "peers": "the same FedAvg job under Flower (Ray) and pfl-research and here (needs the peers extra)",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import limit, runs, server, transport
+    from . import limit, peers, runs, server, transport
     parser = argparse.ArgumentParser(
         prog="python -m sfprompt_mpi.bench",
         description="Benchmarks: each suite compares the project against a limit measured in the same run "
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="suite", metavar="SUITE", required=True)
     adders = {"transport": transport.add_arguments, "server": server.add_arguments,
               "round": runs.add_round_arguments, "scale": runs.add_scale_arguments,
-              "wire": runs.add_wire_arguments, "limit": limit.add_arguments}
+              "wire": runs.add_wire_arguments, "limit": limit.add_arguments,
+              "peers": peers.add_arguments}
     for name, add in adders.items():
         p = subs.add_parser(name, help=SUITES[name], description=SUITES[name])
         p.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON to OUT ('-': stdout)")
@@ -62,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_job"]:
         from .job import job_main
         return job_main(argv[1:])
+    if argv[:1] == ["_peer"]:
+        from .peer_jobs import peer_main
+        return peer_main(argv[1:])
     if argv[:1] == ["_plain"]:
         from .plain import plain_main
         return plain_main(argv[1:])
@@ -87,9 +92,9 @@ def _main(argv: list[str]) -> int:
         else:
             if under_mpi():
                 raise UserError(f"start the {args.suite} suite without mpiexec: it launches its own runs")
-            from . import limit, runs
+            from . import limit, peers, runs
             report = {"round": runs.run_round, "scale": runs.run_scale, "wire": runs.run_wire,
-                      "limit": limit.run_limit}[args.suite](args)
+                      "limit": limit.run_limit, "peers": peers.run_peers}[args.suite](args)
         if report is not None:
             emit(report, argv, args.json)
         return 0

@@ -69,7 +69,7 @@ def run_bounded(cmd: list[str], timeout: float = LAUNCH_TIMEOUT_S, env: dict[str
     (mpiexec, its proxy and every rank) is killed and AssertionError carries
     the output so far.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
