@@ -137,6 +137,8 @@ class RunConfig:
     threads: int = _f(0, "torch threads per rank (0: cores / ranks on this node, at least 1)")
     log_level: str = _f("", "log level (default: INFO on rank 0, WARNING elsewhere)", ("", "DEBUG", "INFO", "WARNING", "ERROR"))
     dry_run: bool = _f(False, "validate config and world size, print the plan, and exit")
+    reference: bool = _f(False, "without an MPI launcher, run in this one process (the reference run) instead of "
+                         "starting ranks with mpiexec on every core; both end with bitwise the same parameters")
     eval_every: int = _f(1, "evaluate the global model every this many rounds (and after the last)")
     time_budget: float = _f(0.0, "seconds this process may run: no round starts that would end later "
                             "(0: the Slurm job's end time under Slurm, else none; < 0: none)")

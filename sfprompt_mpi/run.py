@@ -1,14 +1,17 @@
 """The main job: config -> transport -> rank 0 Server, other ranks ClientHosts.
 
 Launch:
-    python -m sfprompt_mpi.run                                 # reference run, one process
+    python -m sfprompt_mpi.run                                 # every core (starts mpiexec itself)
+    python -m sfprompt_mpi.run --reference                     # reference run, one process
     mpirun -n 5 python -m sfprompt_mpi.run --clients 20        # 1 server + 4 client ranks
     srun --mpi=pmi2 -n 51 python -m sfprompt_mpi.run --config configs/paper/cifar10_iid.toml
     python -m sfprompt_mpi.run --resume runs/<id>              # continue an interrupted run
 
-Without an MPI launcher the server and one client host run as two threads of
-one process over the loopback transport: the same code and messages as an
-MPI run. User mistakes end with one line and exit code 2 on every rank; any
+Without an MPI launcher the command starts its own ranks with mpiexec on
+every core where it can (launch.py): bitwise the result of the reference
+run, in which the server and one client host run as two threads of one
+process over the loopback transport (``--reference``): the same code and
+messages as an MPI run. User mistakes end with one line and exit code 2 on every rank; any
 other failure on any rank aborts the whole MPI job with that rank's error.
 """
 
@@ -26,7 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cli import Where, main_guard
-from .errors import UserError
+from .errors import EXIT_USER_ERROR, UserError
+from .launch import exec_ranks, plan_launch, self_launched, under_launcher
 from .stopping import Stopper
 from .world import detect_world, node_memory_check
 
@@ -36,7 +40,7 @@ if TYPE_CHECKING:
 
 #: Settings that say how a run is managed, not what it computes: a run continued with other values
 #: of these is still the same run.
-RUN_MANAGEMENT = ("run_dir", "resume", "log_level", "dry_run", "time_budget")
+RUN_MANAGEMENT = ("run_dir", "resume", "log_level", "dry_run", "time_budget", "reference")
 
 
 def resolve_config(argv: list[str] | None, rank: int = 0) -> Config:
@@ -83,10 +87,32 @@ def _check_same_run(cfg: Config, run_dir: Path) -> None:
                                 f"{run_dir} (its own config.toml, flags on top) or choose another --run-dir")
 
 
-def main(argv: list[str] | None = None, started: float | None = None, clock: Any = None) -> int:
+def cli(argv: list[str] | None = None, started: float | None = None) -> int:
+    """The command line: this process, or, without a launcher, every core (:mod:`.launch`).
+
+    The config is resolved here first, so a user error is one line and exit code 2 before any
+    rank starts or anything is written; ``exec`` hands a launched run to ``mpiexec``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plan = None
+    if not under_launcher() and not self_launched():
+        try:
+            plan = plan_launch(resolve_config(argv))
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        if plan.ranks:
+            exec_ranks(plan, argv)
+    return main(argv, started, note=plan.why if plan else "")
+
+
+def main(argv: list[str] | None = None, started: float | None = None, clock: Any = None, note: str = "") -> int:
     """``started``: time.monotonic() when the process began (for the "setup took" line);
-    ``clock``: a :class:`~sfprompt_mpi.comm.wrappers.Clock` that times the transport (benchmarks)."""
+    ``clock``: a :class:`~sfprompt_mpi.comm.wrappers.Clock` that times the transport (benchmarks);
+    ``note``: how the command chose to run (:func:`cli`), logged by rank 0."""
     started = time.monotonic() if started is None else started
+    if self_launched():
+        note = (f"python -m sfprompt_mpi.run started its own {self_launched()} ranks with mpiexec: bitwise the "
+                f"one-process result (one client per body pass, as there); --reference runs in one process")
     where = Where(interrupts=True)
 
     def job(argv: list[str] | None) -> int:
@@ -101,7 +127,7 @@ def main(argv: list[str] | None = None, started: float | None = None, clock: Any
             cfg = resolve_config(argv, world.rank)
             node_memory_check(world)
             from .runtime import run_job  # heavy imports (torch, timm) only after argument checks
-            return run_job(cfg, world, started, clock, stopper)
+            return run_job(cfg, world, started, clock, stopper, note=note)
         finally:
             stopper.close()
 
@@ -109,4 +135,4 @@ def main(argv: list[str] | None = None, started: float | None = None, clock: Any
 
 
 if __name__ == "__main__":
-    sys.exit(main(started=_STARTED))
+    sys.exit(cli(started=_STARTED))

@@ -33,6 +33,7 @@ from .data.datasets import FedData, build_data, check_dataset_files, prepare_dat
 from .data.partition import partition_indices
 from .errors import EXIT_CONTINUE, UserError
 from .fed.checkpoint import check_compatible, load_checkpoint
+from .launch import REFERENCE_CLIENTS, self_launched
 from .fed.client import ClientHost
 from .fed.server import Server
 from .estimate import describe_plan
@@ -68,7 +69,8 @@ def _bcast(world: World, value: Any) -> Any:
 
 
 def num_clients(cfg: Config, world: World) -> int:
-    n = cfg.fed.clients or (4 if world.single else world.size - 1)
+    # a run that started its own ranks keeps the one-process default (launch.py)
+    n = cfg.fed.clients or (REFERENCE_CLIENTS if world.single or self_launched() else world.size - 1)
     if not world.single and n < world.size - 1:
         raise UserError(f"--clients {n} is smaller than the {world.size - 1} client ranks; "
                         f"use --clients >= {world.size - 1} or launch {n + 1} ranks ({_ranks_flag(n + 1)})")
@@ -171,12 +173,13 @@ def device_profiles(cfg: Config, n: int, classes: int) -> dict[str, Any] | None:
 
 
 def run_job(cfg: Config, world: World, started: float | None = None, clock: Clock | None = None,
-            stopper: Stopper | None = None) -> int:
+            stopper: Stopper | None = None, note: str = "") -> int:
     """Run (or dry-run) the configured job on this rank; -> exit code (0, or EXIT_CONTINUE after a stop).
 
     ``started``: time.monotonic() when the process began, for the setup-time log line;
     ``clock``: where the transport's time goes, when given (the benchmarks); ``stopper``: this
-    process's stop requests (installed by the caller), else one installed here."""
+    process's stop requests (installed by the caller), else one installed here; ``note``: how the
+    command chose to run (one process, or ranks it started itself), logged by rank 0."""
     started = time.monotonic() if started is None else started
     threading.current_thread().name = f"r{world.rank:02d}"
     setup_logging(cfg, world.rank, None)
@@ -185,13 +188,13 @@ def run_job(cfg: Config, world: World, started: float | None = None, clock: Cloc
     stopper.attach(None if world.single else world.comm.Dup(),
                    run_deadline(cfg.run.time_budget, started) if world.rank == 0 else None)
     try:
-        return _run_job(cfg, world, started, clock, stopper)
+        return _run_job(cfg, world, started, clock, stopper, note)
     finally:
         if own:
             stopper.close()
 
 
-def _run_job(cfg: Config, world: World, started: float, clock: Clock | None, stopper: Stopper) -> int:
+def _run_job(cfg: Config, world: World, started: float, clock: Clock | None, stopper: Stopper, note: str) -> int:
     if world.rank == 0:
         _warn_ignored(cfg)
     info = _bcast(world, _agree(world, lambda: _rank0_checks(cfg, world) if world.rank == 0 else None))
@@ -202,6 +205,8 @@ def _run_job(cfg: Config, world: World, started: float, clock: Clock | None, sto
     hosts = {1: list(range(n))} if world.single else client_hosts(n, world.size)
     if cfg.run.dry_run:
         if world.rank == 0:
+            if note:
+                log.info("%s", note)
             print(describe_plan(cfg, hosts, world.size, threads))
         return 0
     start, resume_round, run_dir = info["start_round"], info["resume_round"], Path(info["run_dir"])
@@ -231,8 +236,8 @@ def _run_job(cfg: Config, world: World, started: float, clock: Clock | None, sto
         world.comm.Barrier()
     node = world.node
     log.info("setup took %.1f s on %d rank(s) (imports, data, model, checks); rank 0's node: %d rank(s) on %d CPU(s), "
-             "%d torch thread(s) each, %s", time.monotonic() - started, world.size, node.local_size, node.cpus,
-             threads, wait_policy(node))
+             "%d torch thread(s) each, %s%s", time.monotonic() - started, world.size, node.local_size, node.cpus,
+             threads, wait_policy(node), f"; {note}" if note else "")
     if world.single:
         server, _ = run_reference(cfg, model, layout, data, hosts, run_dir, global_state, start, resume_round,
                                   clock=clock, stopper=stopper)
@@ -340,6 +345,8 @@ def _build_server(cfg, model, layout, data, hosts, transport, run_dir, global_st
     n = sum(len(c) for c in hosts.values())
     parts = _partition(cfg, data, n)
     label_counts = np.stack([np.bincount(data.train_labels[p], minlength=data.num_classes) for p in parts])
+    if self_launched():  # one client per body pass, as in the one-process run it computes (launch.py)
+        cfg = dataclasses.replace(cfg, comm=dataclasses.replace(cfg.comm, server_batch=1))
     algo = build_algorithm(cfg)
     algo.start(model, {c: len(p) for c, p in enumerate(parts)})
     server = Server(cfg, model, layout, data.test, hosts, transport, algorithm=algo, device=device,

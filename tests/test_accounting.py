@@ -41,6 +41,8 @@ def _launch(run_dir: Path, flags: list[str], world: int) -> None:
     job = [sys.executable, "-m", "sfprompt_mpi.run", "--run-dir", str(run_dir), *TINY, *flags]
     if world > 1:
         job = [str(MPIEXEC), "-n", str(world), sys.executable, "-m", "mpi4py", *job[1:]]
+    else:
+        job.append("--reference")  # one process, not the ranks the command would start itself
     result = run_bounded(job, LAUNCH_TIMEOUT_S)
     assert result.returncode == 0, result.output
 

@@ -48,7 +48,7 @@ def test_help_lists_every_suite():
     done = bench("--help")
 
     assert done.returncode == 0, done.report()
-    for suite in ("transport", "server", "round", "scale", "wire"):
+    for suite in ("transport", "server", "round", "scale", "wire", "limit", "peers"):
         assert suite in done.output
 
 
@@ -57,6 +57,10 @@ def test_help_lists_every_suite():
     (["transport", "--min-size", "3"], "multiple of 4"),
     (["scale", "--clients", "0,5"], "must be >= 1"),
     (["wire", "--dtypes", "float8"], "float32, bfloat16"),
+    (["limit", "--algos", "nosuch"], "registered algorithms"),
+    (["limit", "--procs", "5", "--clients", "4"], "--procs <= --clients"),
+    (["peers", "--python", "/nonexistent/python"], "cannot start /nonexistent/python"),
+    (["peers", "--peers", "fedml"], "choose among flower, pfl"),
 ])
 def test_user_error_is_one_line_and_exit_2(args, words):
     done = bench(*args)
@@ -153,3 +157,31 @@ def test_wire_suite(tmp_path):
     assert bf16["MB_total"] < f32["MB_total"]
     assert result["value"] == pytest.approx(bf16["bytes_ratio"]) and 0 < result["value"] < 1
     assert -1 <= result["acc_change"] <= 1
+
+
+@pytest.mark.mpi
+def test_limit_suite_restates_each_algorithm_bitwise(tmp_path):
+    result = run_suite(tmp_path, "limit", "--rounds", "2", "--clients", "2", "--procs", "2", "--repeats", "1",
+                       "--", *TINY_RUN)
+
+    assert [(r["algo"], r["mode"]) for r in result["rows"]] == [
+        ("fl-full", "1 process"), ("fl-full", "2 processes"), ("sfprompt", "1 process"), ("sfprompt", "2 processes")]
+    for row in result["rows"]:
+        # the plain loop does the very arithmetic of the run: the same final parameters, bit for bit
+        assert row["same_params"] is True and row["plain_acc"] == row["ours_acc"]
+        assert row["plain/ours"] == pytest.approx(row["plain_round_s"] / row["ours_round_s"])
+    assert result["value"] == pytest.approx(min(r["plain/ours"] for r in result["rows"]))
+
+
+def test_peers_suite_without_the_extra_is_one_line_and_exit_2(tmp_path):
+    # Prepare: a Python whose flwr cannot be imported, whatever this environment holds
+    (tmp_path / "flwr").mkdir()
+    (tmp_path / "flwr" / "__init__.py").write_text("raise ImportError(\"No module named 'flwr'\")\n")
+    # Execute
+    done = run_bounded([sys.executable, "-m", "sfprompt_mpi.bench", "peers", "--clients", "4"], TIMEOUT_S,
+                       env={"PYTHONPATH": str(tmp_path)})
+    # Assert
+    assert done.returncode == 2, done.report()
+    errors = [line for line in done.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "peers extra" in errors[0] and "pip install -e '.[peers]'" in errors[0], done.report()
+    assert "Traceback" not in done.output

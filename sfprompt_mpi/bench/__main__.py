@@ -3,7 +3,8 @@
 Suites that need ranks start them: ``transport`` re-runs itself under
 ``mpiexec -n 2`` when it was not started by an MPI launcher (start it with
 ``mpiexec -n 2`` to use another launcher); ``round`` and ``scale`` launch
-``mpiexec -n 3`` runs of the job. The launcher is ``$SFPROMPT_MPIEXEC``, else
+``mpiexec -n 3`` runs of the job, ``limit`` ``mpiexec -n P+1`` runs (P: the
+CPUs) beside its plain-PyTorch loops. The launcher is ``$SFPROMPT_MPIEXEC``, else
 the venv's ``mpiexec``, else the first ``mpiexec`` on PATH.
 """
 
@@ -22,11 +23,13 @@ SUITES = {
     "round": "one round under mpiexec (1 server + 2 clients) vs the single-process round",
     "scale": "time per round and memory per rank with 50, 500, 5000 virtual clients",
     "wire": "bytes and accuracy with bfloat16/float16 activations on the wire",
+    "limit": "the round against the same arithmetic as a plain PyTorch loop, one process and one per core",
+    "peers": "the same FedAvg job under Flower (Ray) and pfl-research and here (needs the peers extra)",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import runs, server, transport
+    from . import limit, peers, runs, server, transport
     parser = argparse.ArgumentParser(
         prog="python -m sfprompt_mpi.bench",
         description="Benchmarks: each suite compares the project against a limit measured in the same run "
@@ -35,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="suite", metavar="SUITE", required=True)
     adders = {"transport": transport.add_arguments, "server": server.add_arguments,
               "round": runs.add_round_arguments, "scale": runs.add_scale_arguments,
-              "wire": runs.add_wire_arguments}
+              "wire": runs.add_wire_arguments, "limit": limit.add_arguments,
+              "peers": peers.add_arguments}
     for name, add in adders.items():
         p = subs.add_parser(name, help=SUITES[name], description=SUITES[name])
         p.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON to OUT ('-': stdout)")
@@ -60,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_job"]:
         from .job import job_main
         return job_main(argv[1:])
+    if argv[:1] == ["_peer"]:
+        from .peer_jobs import peer_main
+        return peer_main(argv[1:])
+    if argv[:1] == ["_plain"]:
+        from .plain import plain_main
+        return plain_main(argv[1:])
     from .common import under_mpi
     rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) or 0)
     return main_guard(_main, argv, Where(rank=rank, mpi=under_mpi()))
@@ -82,8 +92,9 @@ def _main(argv: list[str]) -> int:
         else:
             if under_mpi():
                 raise UserError(f"start the {args.suite} suite without mpiexec: it launches its own runs")
-            from . import runs
-            report = {"round": runs.run_round, "scale": runs.run_scale, "wire": runs.run_wire}[args.suite](args)
+            from . import limit, peers, runs
+            report = {"round": runs.run_round, "scale": runs.run_scale, "wire": runs.run_wire,
+                      "limit": limit.run_limit, "peers": peers.run_peers}[args.suite](args)
         if report is not None:
             emit(report, argv, args.json)
         return 0

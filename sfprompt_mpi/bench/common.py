@@ -186,13 +186,13 @@ class Finished:
     wall_s: float
 
 
-def run_bounded(cmd: list[str], timeout: float, *, echo: bool = False) -> Finished:
-    """Run ``cmd`` with one torch thread per process, bounded by ``timeout`` seconds.
+def run_bounded(cmd: list[str], timeout: float, *, echo: bool = False, env: dict[str, str] | None = None) -> Finished:
+    """Run ``cmd`` with one torch thread per process (and ``env`` on top of ours), bounded by ``timeout`` seconds.
 
     Output is kept (and echoed as it comes when ``echo``). On timeout the whole
     process group (mpiexec, its proxy and every rank) is killed and a
     RuntimeError carries the output so far."""
-    env = dict(os.environ)
+    env = dict(os.environ, **(env or {}))
     env.setdefault("OMP_NUM_THREADS", "1")
     for var in MPI_ENV:  # a child launched from inside an MPI job must not think it is a rank of it
         env.pop(var, None)

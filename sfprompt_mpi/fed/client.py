@@ -156,7 +156,7 @@ class ClientHost:
     def _held_part(self, rnd: int, cid: int, model: PromptedViT) -> torch.Tensor:
         """The trained vector of ``model``, the part client ``cid`` holds."""
         idx = self.algorithm.wire_index(rnd, cid)
-        flat_F = self.layout.flatten(self.layout.read(model))
+        flat_F = self.layout.flatten_model(model)
         return flat_F if idx is None else flat_F[idx]
 
     def _context(self, rnd: int, attempt: int, cid: int, batch: int, global_F: torch.Tensor,

@@ -34,6 +34,11 @@ class Layout:
         """-> ``flat_F`` float32 on CPU."""
         return torch.cat([tensors[n].detach().reshape(-1).to("cpu", torch.float32) for n in self.names])
 
+    def flatten_model(self, model: torch.nn.Module) -> torch.Tensor:
+        """The model's trained parameters -> ``flat_F`` float32 on CPU: :meth:`flatten` of :meth:`read`,
+        copied once instead of twice."""
+        return self.flatten(dict(model.named_parameters()))
+
     def unflatten(self, flat_F: torch.Tensor) -> dict[str, torch.Tensor]:
         chunks = torch.split(flat_F, self.sizes)
         return {n: c.reshape(s) for n, c, s in zip(self.names, chunks, self.shapes)}

@@ -49,10 +49,17 @@ def launch(args: list[str], *, ranks: int | None = None, script: list[str] | Non
     the output so far: a hang fails the test instead of stalling the suite.
     """
     entry = script if script is not None else ["-m", "sfprompt_mpi.run"]
+    if script is None and ranks is None:
+        args = [*args, "--reference"]  # the one-process run, not ranks the command would start itself
     cmd = [sys.executable, *entry, *args]
     if ranks is not None:
         cmd = [str(MPIEXEC), "-n", str(ranks), *cmd]
     return run_bounded(cmd, timeout, env)
+
+
+def python_run() -> list[str]:
+    """``python -m sfprompt_mpi.run`` as a user types it: no launcher, no --reference."""
+    return [sys.executable, "-m", "sfprompt_mpi.run"]
 
 
 def run_bounded(cmd: list[str], timeout: float = LAUNCH_TIMEOUT_S, env: dict[str, str] | None = None) -> Launch:
@@ -62,7 +69,7 @@ def run_bounded(cmd: list[str], timeout: float = LAUNCH_TIMEOUT_S, env: dict[str
     (mpiexec, its proxy and every rank) is killed and AssertionError carries
     the output so far.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -85,12 +92,14 @@ def checkpoint_round(run_dir: Path) -> int:
         return 0
 
 
-def start_until_checkpoint(args: list[str], run_dir: Path, rnd: int, *, ranks: int = 3,
-                           timeout: float = 150) -> subprocess.Popen:
-    """Start ``mpiexec -n ranks python -m sfprompt_mpi.run ARGS`` in its own session and wait until the
-    checkpoint of ``run_dir`` holds round ``rnd`` (or the job ends, or ``timeout``); -> the job."""
-    cmd = [str(MPIEXEC), "-n", str(ranks), sys.executable, "-m", "sfprompt_mpi.run", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+def start_until_checkpoint(args: list[str], run_dir: Path, rnd: int, *, ranks: int | None = 3,
+                           timeout: float = 150, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``mpiexec -n ranks python -m sfprompt_mpi.run ARGS`` (``ranks`` None: without mpiexec) in its
+    own session and wait until the checkpoint of ``run_dir`` holds round ``rnd`` (or the job ends, or
+    ``timeout``); -> the job."""
+    cmd = [sys.executable, "-m", "sfprompt_mpi.run", *args]
+    cmd = cmd if ranks is None else [str(MPIEXEC), "-n", str(ranks), *cmd]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.monotonic() + timeout
