@@ -166,7 +166,7 @@ def _worker(argv: list[str], mine: list[int], global_F, updates_KF, conn) -> Non
 
 def run_plain(argv: list[str], procs: int) -> dict[str, Any]:
     """The job's rounds as a plain loop on ``procs`` processes -> round times, accuracy, final vector."""
-    from ..fed.server import select_clients
+    from ..fed.state import select_clients
     loop = PlainLoop(argv)
     cfg, k = loop.cfg, loop.clients
     global_F = loop.layout.flatten(loop.layout.read(loop.model)).share_memory_()
