@@ -49,6 +49,7 @@ def test_the_documented_example_runs_as_a_registered_algorithm(half_epoch, tmp_p
     assert "clients/0/train_loss" in client
 
 
+@pytest.mark.slow  # prices every registered algorithm (the LoRA ones build peft models)
 def test_the_cost_accounting_prices_a_registered_algorithm(half_epoch):
     cfg = build_config({"data": {"max_train_samples": 80}})
     rows = algorithm_costs(cfg, 40, 10)

@@ -243,6 +243,7 @@ def test_analyze_refuses_a_target_that_is_no_accuracy(jetson_run, capsys):
 # ---------------------------------------------------------------------- cost
 
 
+@pytest.mark.slow  # prices a round of every algorithm
 def test_cost_prices_fedavgs_round_on_the_table1_links_as_a_hand_computation(tmp_path, capsys):
     import json
     from sfprompt_mpi import cost
