@@ -62,11 +62,13 @@ class MergeSFL(SplitFedFull):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         self.view: ClientsView | None = None
+        self.speeds: tuple[np.ndarray, np.ndarray] | None = None  # per client: (a, c), see _speeds
         self.batches: dict[int, dict[int, int]] = {}     # round -> client -> batch size
 
     # -- the server's choices ------------------------------------------------------
     def observe_clients(self, view: ClientsView) -> None:
         self.view = view
+        self.speeds = self._speeds()
 
     def select_clients(self, rnd: int, num_clients: int) -> list[int]:
         fed = self.cfg.fed
@@ -91,10 +93,9 @@ class MergeSFL(SplitFedFull):
 
     def regulate(self, chosen: list[int]) -> dict[int, int]:
         """The batch of each chosen client (``--batch-size`` for all without regulation or devices)."""
-        speeds = self._speeds()
-        if not self.cfg.fed.batch_regulation or speeds is None:
+        if not self.cfg.fed.batch_regulation or self.speeds is None:
             return {c: self.cfg.fed.batch_size for c in chosen}
-        a, c = speeds
+        a, c = self.speeds
         batches = regulate_batches(a[chosen], c[chosen], merged=len(chosen) * self.cfg.fed.batch_size,
                                    bounds=self._bounds(), ingress=self._ingress())
         return {chosen[i]: b for i, b in batches.items()}
