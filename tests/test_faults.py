@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -342,18 +341,12 @@ def test_kill_9_of_a_client_rank_ends_the_job_and_resume_ends_like_an_uninterrup
     # Execute: wait for round 2's checkpoint, then kill -9 client rank 1 mid-run
     proc = helpers.start_until_checkpoint([*COMMON, "--rounds", str(rounds), "--run-dir", str(run_dir)], run_dir, 2,
                                           timeout=120)
-    try:
+    with helpers.reaped(proc):
         victim = helpers.rank_pid(proc.pid, 1)
         assert victim is not None and proc.poll() is None, "the job ended or never reached round 2"
         os.kill(victim, signal.SIGKILL)
-        killed_at, done_before = time.monotonic(), helpers.checkpoint_round(run_dir)
-        proc.wait(timeout=60)
-        ended_after = time.monotonic() - killed_at
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    output = proc.stdout.read().decode(errors="replace")
+        done_before = helpers.checkpoint_round(run_dir)
+        ended_after, output = helpers.wait_for(proc, 60)
 
     # Assert: the whole job ended at once, with an error, before it had finished its rounds
     assert proc.returncode != 0 and ended_after < 30, (proc.returncode, ended_after, output[-2000:])

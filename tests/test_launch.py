@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 import torch
@@ -121,17 +120,10 @@ def test_sigterm_stops_the_ranks_it_started_and_the_same_command_continues(tmp_p
     args = [*TINY, "--rounds", "4", "--run-dir", str(run_dir), "--client-timeout", "6",
             "--inject-fault", "slow@rank:1,round:2"]  # round 2 takes >= 3 s: the signal lands in a round
     proc = helpers.start_until_checkpoint(args, run_dir, 1, ranks=None, env=THREE)
-    try:
+    with helpers.reaped(proc):
         assert proc.poll() is None, "the run ended or never reached round 1"
         os.kill(proc.pid, signal.SIGTERM)  # the command's own pid: mpiexec since the exec
-        signalled = time.monotonic()
-        proc.wait(timeout=90)
-        ended_after = time.monotonic() - signalled
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    output = proc.stdout.read().decode(errors="replace")
+        ended_after, output = helpers.wait_for(proc, 90)
 
     assert proc.returncode == EXIT_CONTINUE and ended_after < 60, (proc.returncode, output[-3000:])
     assert output.count("[r00] stopped after round") == 1 and "Traceback" not in output, output[-3000:]

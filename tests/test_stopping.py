@@ -123,20 +123,13 @@ def test_sigterm_to_one_client_rank_stops_the_whole_job_cleanly_and_the_same_com
     slowed = [*args, "--client-timeout", "6", "--inject-fault", "slow@rank:1,round:2"]
     # Execute: once round 1 is checkpointed, SIGTERM client rank 2, and again a moment later
     proc = helpers.start_until_checkpoint(slowed, run_dir, 1)
-    try:
+    with helpers.reaped(proc):
         victim = helpers.rank_pid(proc.pid, 2)
         assert victim is not None and proc.poll() is None, "the job ended or never reached round 1"
         os.kill(victim, signal.SIGTERM)
         time.sleep(0.3)
         os.kill(victim, signal.SIGTERM)
-        signalled_at = time.monotonic()
-        proc.wait(timeout=90)
-        ended_after = time.monotonic() - signalled_at
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    output = proc.stdout.read().decode(errors="replace")
+        ended_after, output = helpers.wait_for(proc, 90)
     stopped_at = helpers.checkpoint_round(run_dir)
 
     # Assert: the whole job stopped with 4, promptly, after a complete round, saying so once

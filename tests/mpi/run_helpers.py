@@ -13,6 +13,7 @@ that client in that round should equal.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -106,6 +107,26 @@ def start_until_checkpoint(args: list[str], run_dir: Path, rnd: int, *, ranks: i
     while checkpoint_round(run_dir) < rnd and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     return proc
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen):
+    """``with reaped(job): ...`` kills the job's whole process group (mpiexec and every rank) on leaving
+    if it still runs, so that a failed assertion inside leaves nothing behind."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_for(proc: subprocess.Popen, timeout: float) -> tuple[float, str]:
+    """Wait for a job started by :func:`start_until_checkpoint` to end (inside :func:`reaped`);
+    -> (seconds it took from now, its output)."""
+    started = time.monotonic()
+    proc.wait(timeout=timeout)
+    return time.monotonic() - started, proc.stdout.read().decode(errors="replace")
 
 
 def rank_pid(launcher: int, rank: int) -> int | None:
