@@ -96,9 +96,7 @@ class ClientHost:
 
     def _run_client(self, rnd: int, attempt: int, cid: int, batch: int, global_F: torch.Tensor) -> None:
         """Train client ``cid`` and send its UPDATE, unless the server dropped it."""
-        self.mailbox.drain()
-        if self.mailbox.dropped(rnd, attempt, cid):
-            log.warning("round %d: client %d was dropped by the server before it started; skipped", rnd, cid)
+        if self._dropped(rnd, attempt, cid):
             return
         self.mailbox.running = {(rnd, attempt, cid)}
         try:
@@ -110,14 +108,20 @@ class ClientHost:
             self.mailbox.running = set()
         self._send_update(rnd, attempt, cid, flat_F, n, stats)
 
+    def _dropped(self, rnd: int, attempt: int, cid: int) -> bool:
+        """Whether the server dropped client ``cid`` before it started (its REJECT already here); logged."""
+        self.mailbox.drain()
+        if self.mailbox.dropped(rnd, attempt, cid):
+            log.warning("round %d: client %d was dropped by the server before it started; skipped", rnd, cid)
+            return True
+        return False
+
     def _run_lockstep(self, rnd: int, attempt: int, todo: list[tuple[int, int, torch.Tensor]]) -> None:
         """Train this host's selected clients together, one step of each in turn (the algorithm's
         :meth:`~sfprompt_mpi.algorithms.base.Algorithm.client_rounds`), each on its own copy of the model."""
-        self.mailbox.drain()
         ctxs = {}
         for cid, batch, global_F in todo:
-            if self.mailbox.dropped(rnd, attempt, cid):
-                log.warning("round %d: client %d was dropped by the server before it started; skipped", rnd, cid)
+            if self._dropped(rnd, attempt, cid):
                 continue
             model = copy.deepcopy(self.model)
             params = dict(model.named_parameters())
