@@ -30,7 +30,7 @@ import argparse
 import dataclasses
 import math
 import sys
-from typing import Any
+from typing import Any, Iterable
 
 from .config import Config, build_config, build_parser, clients_per_round, file_and_flags
 from .cli import main_guard
@@ -54,6 +54,9 @@ def build_cost_parser() -> argparse.ArgumentParser:
     group.add_argument("--fedavg-epochs", type=int, default=0,
                        help="local epochs of FedAvg full fine-tuning per round (default 0: --local-epochs, at least 1)")
     group.add_argument("--json", default="", metavar="OUT", help="also write the numbers as JSON to OUT ('-': stdout)")
+    group.add_argument("--algos", default="all", metavar="LIST",
+                       help="algorithms the per-algorithm table and the run times price, comma-separated (default "
+                            "all; each one is counted on its own meta model, seconds for a ViT-B, so fewer is faster)")
     group = parser.add_argument_group("run time per round (the simulated clock; also with --devices PRESET|FILE)")
     group.add_argument("--downlink-mbps", type=float, default=0.0,
                        help="every client's downlink in Mbit/s (SFPrompt's Table 1: 54); with --uplink-mbps")
@@ -84,7 +87,21 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     for flag in ("client_tflops", "server_tflops"):
         if not getattr(args, flag) > 0:
             raise UserError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    args.algos = _algos(args.algos)
     return cfg, args
+
+
+def _algos(spec: str) -> tuple[str, ...]:
+    """``--algos``: 'all' or a comma-separated list of --algo names -> those names, in ALGOS order."""
+    from .config import ALGOS
+    if spec.strip() == "all":
+        return tuple(ALGOS)
+    names = {n.strip() for n in spec.split(",") if n.strip()}
+    unknown = sorted(names - set(ALGOS))
+    if unknown or not names:
+        raise UserError(f"--algos {spec!r}: {'unknown ' + ', '.join(unknown) if unknown else 'no algorithm'}; "
+                        f"choose from all, {', '.join(ALGOS)}")
+    return tuple(a for a in ALGOS if a in names)
 
 
 def link_devices(args: argparse.Namespace, cfg: Config, clients: int):
@@ -103,12 +120,12 @@ def link_devices(args: argparse.Namespace, cfg: Config, clients: int):
 TABLE1 = {"fl-full": ("FL", 4.091), "sfl-full": ("SFL", 4.648), "sfprompt": ("SFPrompt", 3.505)}
 
 
-def run_times(cfg: Config, shard: int, classes: int, devices) -> dict[str, dict[str, float]]:
-    """Per algorithm: the simulated round (seconds), its slowest client's compute and transfer, the server."""
-    from .config import ALGOS
+def run_times(cfg: Config, shard: int, classes: int, devices, algos: Iterable[str]) -> dict[str, dict[str, float]]:
+    """Per algorithm of ``algos``: the simulated round (seconds), its slowest client's compute and transfer,
+    the server."""
     from .estimate import simulated_round
     out = {}
-    for name in ALGOS:
+    for name in algos:
         c = dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, algo=name))
         sim = simulated_round(c, classes, shard, devices)
         slowest = max(sim.clients.values(), key=lambda t: t.finish)
@@ -152,7 +169,8 @@ def _model_facts(cfg: Config, model) -> dict[str, Any]:
                       "prompt_depth": m.prompt_depth, "train_head": m.train_head}}
 
 
-def estimate(cfg: Config, samples_per_client: int = 0, fedavg_epochs: int = 0) -> dict[str, Any]:
+def estimate(cfg: Config, samples_per_client: int = 0, fedavg_epochs: int = 0,
+             algos: Iterable[str] | None = None) -> dict[str, Any]:
     """All the numbers, as a JSON-ready dict (bytes and FLOPs are integers)."""
     from . import estimate as acc
     from .model.vit import build_backbone
@@ -170,7 +188,8 @@ def estimate(cfg: Config, samples_per_client: int = 0, fedavg_epochs: int = 0) -
     model, layout = acc.build_meta_model(cfg, classes)
     full = build_backbone(cfg.model, classes, meta=True)
     full_numel = sum(p.numel() for p in full.parameters())
-    f = acc.count_pass_flops(model, full)
+    full_flops = acc.count_full_flops(full)
+    f = acc.count_pass_flops(model, full_flops)
 
     sfp_bytes = acc.client_round_bytes(shard, cfg, tokens=model.tokens, width=model.width, flat=layout.numel,
                                        need_grad=acc.needs_grad(model, layout))
@@ -207,23 +226,30 @@ def estimate(cfg: Config, samples_per_client: int = 0, fedavg_epochs: int = 0) -
         "client_flops_per_sample": {"sfprompt": client_total / shard, "fedavg_full": fl_client / shard},
         "server_flops_per_sample": server / shard,
         "client_compute_percent": 100.0 * client_total / fl_client,
-        "algorithms": algorithm_costs(cfg, shard, classes),
+        "algorithms": algorithm_costs(cfg, shard, classes, algos, full_flops=full_flops, counted={"sfprompt": f}),
     }
 
 
-def algorithm_costs(cfg: Config, shard: int, classes: int) -> dict[str, dict[str, float]]:
-    """Per ``--algo`` (every one, same model, data and epochs as ``cfg``): parameters
-    exchanged, bytes per client per round, and client and server FLOPs per local sample."""
+def algorithm_costs(cfg: Config, shard: int, classes: int, algos: Iterable[str] | None = None, *,
+                    full_flops: tuple[int, int] | None = None,
+                    counted: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    """Per ``--algo`` of ``algos`` (default every one; same model, data and epochs as ``cfg``):
+    parameters exchanged, bytes per client per round, and client and server FLOPs per local sample.
+
+    ``full_flops`` (:func:`~sfprompt_mpi.estimate.count_full_flops` of the backbone) and
+    ``counted`` (algorithm -> its PassFlops for this ``cfg``) spare counting again what the
+    caller counted already: the counts run every op through meta kernels, seconds per model."""
     from .config import ALGOS
     from . import estimate as acc
     from .model.vit import build_backbone
 
-    full = build_backbone(cfg.model, classes, meta=True)
+    if full_flops is None:
+        full_flops = acc.count_full_flops(build_backbone(cfg.model, classes, meta=True))
     rows = {}
-    for name in ALGOS:
+    for name in ALGOS if algos is None else algos:
         c = dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, algo=name))
         model, layout = acc.build_meta_model(c, classes)
-        f = acc.count_pass_flops(model, full)
+        f = (counted or {}).get(name) or acc.count_pass_flops(model, full_flops)
         b = acc.client_round_bytes(shard, c, tokens=model.tokens, width=model.width, flat=layout.numel,
                                    need_grad=acc.needs_grad(model, layout))
         rows[name] = {"exchanged_params": layout.numel,
@@ -303,13 +329,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     cfg, args = parse_args(argv)
-    result = estimate(cfg, args.samples_per_client, args.fedavg_epochs)
+    result = estimate(cfg, args.samples_per_client, args.fedavg_epochs, args.algos)
     devices = link_devices(args, cfg, result["clients"])
     text = render(result)
     if devices is not None:
         classes = nominal_dataset(cfg)[1]
-        result["run_time"] = {"devices": devices.spec, **run_times(cfg, result["samples_per_client"], classes, devices)}
-        text += "\n\n" + render_run_times(devices.spec, {k: v for k, v in result["run_time"].items() if k != "devices"})
+        times = run_times(cfg, result["samples_per_client"], classes, devices, args.algos)
+        result["run_time"] = {"devices": devices.spec, **times}
+        text += "\n\n" + render_run_times(devices.spec, times)
     print(text)
     if args.json:
         write_json(args.json, result, indent=2, sort_keys=True)

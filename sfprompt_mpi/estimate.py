@@ -156,12 +156,25 @@ class _Meter:
         return scope()
 
 
-def count_pass_flops(model, full: nn.Module, *, batch: int = 2) -> PassFlops:
+def count_full_flops(full: nn.Module, *, batch: int = 2) -> tuple[int, int]:
+    """FLOPs per sample of FedAvg full fine-tuning's forward and backward on the backbone ``full``:
+    the same for every algorithm of a model, so counted once where several are priced."""
+    device = next(full.parameters()).device
+    images_BCHW = torch.zeros(batch, 3, *full.patch_embed.img_size, device=device)
+    m = _Meter()
+    with m("fwd"):
+        loss = F.cross_entropy(full(images_BCHW), torch.zeros(batch, dtype=torch.long, device=device))
+    with m("bwd"):
+        loss.backward()
+    return m.counts["fwd"] // batch, m.counts["bwd"] // batch
+
+
+def count_pass_flops(model, full_flops: tuple[int, int], *, batch: int = 2) -> PassFlops:
     """FLOPs per sample of every pass, counted on the real modules (meta or real device).
 
-    ``model`` is a PromptedViT whose trainable parameters are set as in a run; ``full`` is the
-    backbone for FedAvg full fine-tuning. The split step is run as the client and server run
-    it: head -> body (input gradients only) -> tail and loss -> backward to the body output ->
+    ``model`` is a PromptedViT whose trainable parameters are set as in a run; ``full_flops`` is
+    :func:`count_full_flops` of the backbone for FedAvg full fine-tuning. The split step is run
+    as the client and server run it: head -> body (input gradients only) -> tail and loss -> backward to the body output ->
     body backward -> head backward. FLOPs are linear in the batch, so ``batch`` only has to be >= 1.
     """
     device = next(model.parameters()).device
@@ -186,12 +199,13 @@ def count_pass_flops(model, full: nn.Module, *, batch: int = 2) -> PassFlops:
     if need_grad:
         with m("head_bwd"):
             acts_BND.backward(g_BND)
-    for name, net in (("local", model.local_forward), ("full", full), ("model", model)):
+    for name, net in (("local", model.local_forward), ("model", model)):
         with m(f"{name}_fwd"):
             loss = F.cross_entropy(net(images_BCHW), labels_B)
         if loss.requires_grad:
             with m(f"{name}_bwd"):
                 loss.backward()
+    m.counts["full_fwd"], m.counts["full_bwd"] = (n * batch for n in full_flops)
     fields = PassFlops.__dataclass_fields__
     return PassFlops(**{k: m.counts.get(k, 0) // batch for k in fields})
 
@@ -250,7 +264,7 @@ def run_pass_flops(cfg: Config, num_classes: int) -> PassFlops:
     """:class:`PassFlops` of the run ``cfg`` describes (counted on meta modules: shapes only)."""
     from .model.vit import build_backbone
     model, _ = build_meta_model(cfg, num_classes)
-    return count_pass_flops(model, build_backbone(cfg.model, num_classes, meta=True))
+    return count_pass_flops(model, count_full_flops(build_backbone(cfg.model, num_classes, meta=True)))
 
 
 def _saved_bytes(run) -> int:

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from sfprompt_mpi.config import ALGOS
 from sfprompt_mpi.cost import main
 from sfprompt_mpi.errors import EXIT_USER_ERROR
 
@@ -15,9 +16,10 @@ VITB = ["--model", "vit_base_patch16_224", "--prompt-len", "10", "--batch-size",
         "--dataset", "cifar10"]
 
 
-def _cost(argv: list[str], tmp_path, capsys) -> dict:
+def _cost(argv: list[str], tmp_path, capsys, algos: str = "sfprompt") -> dict:
+    """The JSON of ``cost argv``; the per-algorithm table prices only ``algos`` (all: seconds per algorithm)."""
     out = tmp_path / "cost.json"
-    assert main([*argv, "--json", str(out)]) == 0
+    assert main([*argv, "--algos", algos, "--json", str(out)]) == 0
     capsys.readouterr()
     return json.loads(out.read_text())
 
@@ -36,6 +38,27 @@ def test_small_model_report_and_json(tmp_path, capsys):
     assert r["flops_per_sample_pass"]["body_fwd"] > 0 and r["flops_per_sample_pass"]["body_bwd"] > 0
     assert r["comm_ratio"] == pytest.approx(r["bytes_per_client_round"]["sfprompt"]["total"]
                                             / r["bytes_per_client_round"]["fedavg_full"]["total"])
+    assert sorted(r["algorithms"]) == sorted(ALGOS)  # every algorithm by default
+    assert all(f"  {name} " in printed for name in ALGOS)
+
+
+def test_algos_limits_the_table_to_the_named_algorithms_in_registry_order(tmp_path, capsys):
+    out = tmp_path / "cost.json"
+    assert main(["--samples-per-client", "40", "--algos", "fl-full, sfprompt", "--json", str(out)]) == 0
+
+    table = capsys.readouterr().out.split("per algorithm")[1]
+    r = json.loads(out.read_text())
+    assert sorted(r["algorithms"]) == ["fl-full", "sfprompt"]
+    assert [line.split()[0] for line in table.splitlines()[2:]] == ["sfprompt", "fl-full"]
+    assert r["algorithms"]["sfprompt"]["client_flops_per_sample"] == pytest.approx(
+        sum(r["flops_per_client_round"]["sfprompt_client"][k] for k in ("local", "el2n", "split")) / 40)
+
+
+@pytest.mark.parametrize("spec, words", [("nope", "unknown nope"), (",", "no algorithm")])
+def test_algos_refuses_unknown_names_in_one_line(spec, words, capsys):
+    assert main(["--algos", spec]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and "choose from all, sfprompt" in err[0], err
 
 
 @pytest.mark.slow
@@ -109,12 +132,12 @@ def test_bad_input_is_one_line_and_exit_2(argv, words, capsys):
 
 @pytest.mark.slow
 def test_json_goes_to_stdout_for_dash_and_an_unwritable_path_is_one_line(tmp_path, capsys):
-    assert main(["--json", "-"]) == 0
+    assert main(["--algos", "sfprompt", "--json", "-"]) == 0
     printed = capsys.readouterr().out
     assert json.loads(printed[printed.index("\n{") + 1:])["model"] == "vit_micro_patch8_32"
 
     nested = tmp_path / "new" / "dir" / "cost.json"
-    assert main(["--json", str(nested)]) == 0
+    assert main(["--algos", "sfprompt", "--json", str(nested)]) == 0
     assert json.loads(nested.read_text())["model"] == "vit_micro_patch8_32"
 
     blocker = tmp_path / "file"

@@ -251,7 +251,7 @@ def test_cost_prices_fedavgs_round_on_the_table1_links_as_a_hand_computation(tmp
     # Act
     out = tmp_path / "cost.json"
     assert cost.main(["--downlink-mbps", "54", "--uplink-mbps", "12", "--clients", "4",
-                      "--samples-per-client", "100", "--json", str(out)]) == 0
+                      "--samples-per-client", "100", "--algos", "sfprompt,fl-full,sfl-full", "--json", str(out)]) == 0
     # Assert: FedAvg full fine-tuning = one parameter message down and one up, plus its training.
     r = json.loads(out.read_text())
     printed = capsys.readouterr().out
@@ -262,7 +262,7 @@ def test_cost_prices_fedavgs_round_on_the_table1_links_as_a_hand_computation(tmp
     want = (8 * message / 54e6 + 8 * message / 12e6 + 100 * (f.model_fwd + f.model_bwd) / 1.3e12
             + 4 * numel / 35.6e12)
     assert r["run_time"]["fl-full"]["round_s"] == pytest.approx(want, rel=1e-12)
-    assert set(r["run_time"]) >= {"sfprompt", "sfl-full", "devices"}
+    assert set(r["run_time"]) == {"sfprompt", "fl-full", "sfl-full", "devices"}
 
 
 def test_cost_refuses_a_downlink_without_an_uplink(capsys):
