@@ -37,7 +37,7 @@ from ..node import SPIN_S, NodeLayout, node_layout
 from .protocol import (ANY_SOURCE, HEADER_LEN, Header, Kind, Message, PayloadTimeout, ProtocolError, check_arrived,
                        outgoing, pack_header, unpack_words)
 
-HEADER_TAG = 0x5346  # distinct tags keep a header probe from ever matching a payload
+HEADER_TAG = 0x5346  # distinct tags keep the posted header receive from ever matching a payload
 PAYLOAD_TAG = 0x5347
 #: How long ``close`` waits for sends still in flight before it gives up.
 CLOSE_TIMEOUT_S = 60.0
