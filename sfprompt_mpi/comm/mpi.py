@@ -217,7 +217,9 @@ class _HeaderInbox:
     from a rank the caller is not asking for. It is kept, in arrival order,
     and handed to the first ``take`` that asks for its rank or for any rank.
     MPI keeps a pair's messages in order, so that rank's next payload (not
-    yet received: payloads have their own tag) still belongs to it.
+    yet received: payloads have their own tag) still belongs to it. Kept
+    headers are queued per rank, so a server that takes one rank's messages
+    while fifty others wait finds them without walking past the others'.
     """
 
     def __init__(self, comm: MPI.Comm) -> None:
@@ -225,27 +227,41 @@ class _HeaderInbox:
         self._status = MPI.Status()
         self._req = comm.Recv_init([self._wire, MPI.INT64_T], MPI.ANY_SOURCE, HEADER_TAG)
         self._req.Start()
-        self._early: deque[tuple[int, list[int] | BadHeader]] = deque()  # arrived, not yet asked for
+        self._early: dict[int, deque[list[int] | BadHeader]] = {}  # per rank: arrived, not yet asked for
+        self._order: deque[int] = deque()  # the ranks of those headers, in arrival order
 
     def take(self, source: int) -> tuple[int, list[int] | BadHeader] | None:
         """The next header from ``source`` (``MPI.ANY_SOURCE``: any rank), as its rank and its int64
         values, or what was wrong with it; None while none has arrived."""
-        if self._early:
-            for i, (src, words) in enumerate(self._early):
-                if source == MPI.ANY_SOURCE or src == source:
-                    del self._early[i]
-                    return src, words
+        if self._order:
+            kept = self._kept(source)
+            if kept is not None:
+                return kept
         while True:
             got = self._arrived()
             if got is None or source == MPI.ANY_SOURCE or got[0] == source:
                 return got
-            self._early.append(got)
+            self._keep(*got)
 
     def has(self, source: int) -> bool:
         """Whether a header from ``source`` (``MPI.ANY_SOURCE``: any rank) has arrived; takes none."""
         while (got := self._arrived()) is not None:
-            self._early.append(got)
-        return any(source == MPI.ANY_SOURCE or src == source for src, _ in self._early)
+            self._keep(*got)
+        return bool(self._order) if source == MPI.ANY_SOURCE else bool(self._early.get(source))
+
+    def _keep(self, src: int, words: list[int] | BadHeader) -> None:
+        self._early.setdefault(src, deque()).append(words)
+        self._order.append(src)
+
+    def _kept(self, source: int) -> tuple[int, list[int] | BadHeader] | None:
+        """The oldest kept header from ``source`` (or from any rank), taken out; None if none is kept."""
+        if source == MPI.ANY_SOURCE:
+            source = self._order.popleft()
+        elif self._early.get(source):
+            self._order.remove(source)  # its first occurrence: this rank's oldest
+        else:
+            return None
+        return source, self._early[source].popleft()
 
     def _arrived(self) -> tuple[int, list[int] | BadHeader] | None:
         """The header in the buffer, if one has landed, after which the receive is posted again."""

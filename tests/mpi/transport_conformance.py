@@ -169,7 +169,7 @@ def check_early_headers(t: Transport, g: Group) -> None:
             raise AssertionError("a message from rank 1 although it sent none")
         assert t.poll(2) and t.poll() and not t.poll(1)
         inbox = getattr(t.raw, "_inbox", None)  # MPI's headers: all three were taken in and kept
-        assert inbox is None or [src for src, _ in inbox._early] == [2] * len(sizes), inbox._early
+        assert inbox is None or list(inbox._order) == [2] * len(sizes), inbox._order
     g.barrier()
     if g.rank == 1:
         t.send(0, Kind.UPDATE, torch.full((5,), 10.0), client=1)
@@ -183,6 +183,28 @@ def check_early_headers(t: Transport, g: Group) -> None:
             assert (m.source, m.header.kind, m.header.step) == (2, Kind.ACTS, j), m.header.describe()
             assert_same(m.payload, torch.full(shape, 20.0 + j), f"rank 2's payload {j}")
         assert not t.poll()
+    g.barrier()
+    # Two ranks' messages waiting at once: each rank's come out in its own order, whoever is asked for.
+    def shape(j: int) -> tuple[int, ...]:
+        return (1 << 16,) if j == 2 else (j + 1,)
+
+    if g.rank in (1, 2):
+        for j in range(4):
+            t.send(0, Kind.GRAD_OUT, torch.full(shape(j), 100.0 * g.rank + j), client=g.rank, step=j)
+    g.barrier()
+    if g.rank == 0:
+        deadline = time.monotonic() + TIMEOUT
+        while not (t.poll(1) and t.poll(2)):
+            assert time.monotonic() < deadline, "poll never saw both ranks' messages"
+            time.sleep(1e-3)
+        nxt = {1: 0, 2: 0}
+        for source in (2, 1, ANY_SOURCE, 1, 2, ANY_SOURCE, ANY_SOURCE, ANY_SOURCE):
+            m = t.recv(source, timeout=TIMEOUT, waiting_for="messages of two ranks")
+            j = m.header.step
+            assert source in (ANY_SOURCE, m.source) and j == nxt[m.source], (source, m.header.describe())
+            assert_same(m.payload, torch.full(shape(j), 100.0 * m.source + j), f"rank {m.source}'s payload {j}")
+            nxt[m.source] += 1
+        assert nxt == {1: 4, 2: 4} and not t.poll(), nxt
 
 
 def check_poll(t: Transport, g: Group) -> None:
