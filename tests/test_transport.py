@@ -22,7 +22,7 @@ import torch
 from sfprompt_mpi.comm import build_transport
 from sfprompt_mpi.comm.loopback import LoopbackHub
 from sfprompt_mpi.comm.protocol import (HEADER_BYTES, HEADER_LEN, MAX_DIMS, Header, Kind, ProtocolError, from_wire,
-                                        outgoing, pack_header, to_wire, unpack_header, wire_dtype)
+                                        outgoing, pack_header, to_wire, unpack_header, unpack_words, wire_dtype)
 from sfprompt_mpi.comm.wrappers import Counted, Faulty, Timed, wrap_transport
 from sfprompt_mpi.config import WIRE_DTYPES, Fault
 from sfprompt_mpi.errors import UserError
@@ -63,6 +63,23 @@ def test_unpack_header_refuses_malformed(spoil, words):
 
     with pytest.raises(ProtocolError, match=words):
         unpack_header(wire)
+
+
+@pytest.mark.parametrize("spoil, words", [
+    (lambda w: w.__setitem__(0, 0x1234), "magic"),
+    (lambda w: w.__setitem__(1, 99), "unknown message kind"),
+    (lambda w: w.__setitem__(8, -5), "negative shape"),
+    (lambda w: w.pop(), "length"),
+    (lambda w: w.append(0), "length"),
+])
+def test_unpack_words_checks_what_unpack_header_checks(spoil, words):
+    h = outgoing(Kind.ACTS, torch.zeros(2, 3, 4), round=2, client=1, step=5, aux=9)
+    good = pack_header(h).tolist()
+    assert unpack_words(good) == h == unpack_header(pack_header(h))
+    spoil(good)
+
+    with pytest.raises(ProtocolError, match=words):
+        unpack_words(good)
 
 
 def test_unpack_header_refuses_wrong_length():

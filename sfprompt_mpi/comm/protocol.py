@@ -9,7 +9,7 @@ the header itself from what ``send`` is given (:func:`outgoing`), so header
 and payload cannot disagree.
 
 Checks that every transport makes live here, once: :func:`outgoing` on send,
-:func:`unpack_header` and :func:`check_arrived` on receipt. Byte counting,
+:func:`unpack_header` (or :func:`unpack_words`) and :func:`check_arrived` on receipt. Byte counting,
 timing and fault injection wrap any transport from outside
 (:mod:`.wrappers`).
 
@@ -185,7 +185,17 @@ def unpack_header(buf: np.ndarray) -> Header:
     """int64[HEADER_LEN] -> Header, refusing anything malformed."""
     if buf.shape != (HEADER_LEN,):
         raise ProtocolError("bad header: wrong length or magic number")
-    magic, kind, rnd, client, step, dcode, ndim, aux, *dims, attempt = buf.tolist()  # plain ints: on every message
+    return unpack_words(buf.tolist())  # plain ints: on every message
+
+
+def unpack_words(words: list[int]) -> Header:
+    """The header's HEADER_LEN int64 values, as plain ints, -> Header, with every check of :func:`unpack_header`.
+
+    For a receiver that reads its header out of a buffer it reuses: the list is
+    the copy it needs anyway, so no array is built per message."""
+    if len(words) != HEADER_LEN:
+        raise ProtocolError("bad header: wrong length or magic number")
+    magic, kind, rnd, client, step, dcode, ndim, aux, *dims, attempt = words
     if magic != MAGIC:
         raise ProtocolError("bad header: wrong length or magic number")
     kind_e = _KINDS.get(kind)

@@ -95,7 +95,7 @@ class TorchDistTransport(MPITransport):
         # Every rank raises together, so none is left waiting in the setup below.
         problems = [p for p in self.comm.allgather(problem) if p]
         if problems:
-            self.comm.Free()
+            self._release_comm()
             self._closed = True
             raise UserError(problems[0])
         if backend == "nccl":

@@ -148,6 +148,65 @@ def check_any_source(t: Transport, g: Group) -> None:
     assert all(n == per_sender for n in nxt.values()), nxt
 
 
+def check_early_headers(t: Transport, g: Group) -> None:
+    """Messages from a rank nobody asks for yet wait while a receive from another rank gets its own, and
+    are handed out later in their sender's order with their own payloads (one large enough that MPI
+    holds it back until it is received)."""
+    if g.size < 3:
+        return
+    sizes = [(3,), (1 << 18,), (2, 2)]
+    if g.rank == 2:
+        for j, shape in enumerate(sizes):
+            t.send(0, Kind.ACTS, torch.full(shape, 20.0 + j), client=2, step=j)
+    g.barrier()
+    if g.rank == 0:
+        time.sleep(0.05)  # let rank 2's headers land
+        try:  # rank 1 has sent nothing: rank 2's headers arrive meanwhile and must be kept
+            t.recv(1, timeout=0.2, waiting_for="nothing from rank 1 yet")
+        except TimeoutError:
+            pass
+        else:
+            raise AssertionError("a message from rank 1 although it sent none")
+        assert t.poll(2) and t.poll() and not t.poll(1)
+        inbox = getattr(t.raw, "_inbox", None)  # MPI's headers: all three were taken in and kept
+        assert inbox is None or list(inbox._order) == [2] * len(sizes), inbox._order
+    g.barrier()
+    if g.rank == 1:
+        t.send(0, Kind.UPDATE, torch.full((5,), 10.0), client=1)
+    if g.rank == 0:
+        m = t.recv(1, timeout=TIMEOUT, waiting_for="rank 1's message after rank 2's")
+        assert (m.source, m.header.kind) == (1, Kind.UPDATE), m.header.describe()
+        assert_same(m.payload, torch.full((5,), 10.0), "rank 1's payload")
+        got = [t.recv(ANY_SOURCE, timeout=TIMEOUT, waiting_for="rank 2's first message")]
+        got += [t.recv(2, timeout=TIMEOUT, waiting_for="rank 2's later messages") for _ in sizes[1:]]
+        for j, (m, shape) in enumerate(zip(got, sizes)):
+            assert (m.source, m.header.kind, m.header.step) == (2, Kind.ACTS, j), m.header.describe()
+            assert_same(m.payload, torch.full(shape, 20.0 + j), f"rank 2's payload {j}")
+        assert not t.poll()
+    g.barrier()
+    # Two ranks' messages waiting at once: each rank's come out in its own order, whoever is asked for.
+    def shape(j: int) -> tuple[int, ...]:
+        return (1 << 16,) if j == 2 else (j + 1,)
+
+    if g.rank in (1, 2):
+        for j in range(4):
+            t.send(0, Kind.GRAD_OUT, torch.full(shape(j), 100.0 * g.rank + j), client=g.rank, step=j)
+    g.barrier()
+    if g.rank == 0:
+        deadline = time.monotonic() + TIMEOUT
+        while not (t.poll(1) and t.poll(2)):
+            assert time.monotonic() < deadline, "poll never saw both ranks' messages"
+            time.sleep(1e-3)
+        nxt = {1: 0, 2: 0}
+        for source in (2, 1, ANY_SOURCE, 1, 2, ANY_SOURCE, ANY_SOURCE, ANY_SOURCE):
+            m = t.recv(source, timeout=TIMEOUT, waiting_for="messages of two ranks")
+            j = m.header.step
+            assert source in (ANY_SOURCE, m.source) and j == nxt[m.source], (source, m.header.describe())
+            assert_same(m.payload, torch.full(shape(j), 100.0 * m.source + j), f"rank {m.source}'s payload {j}")
+            nxt[m.source] += 1
+        assert nxt == {1: 4, 2: 4} and not t.poll(), nxt
+
+
 def check_poll(t: Transport, g: Group) -> None:
     assert not t.poll(), f"rank {g.rank}: poll() true with nothing sent"
     g.barrier()
@@ -323,7 +382,8 @@ def check_malformed(t: Any, g: Group) -> None:
     bad_attempt[-1] = -1
     huge = pack_header(Header(Kind.ACTS, dtype=torch.float32, shape=(1 << 20, 1 << 20)))
     raws = [(bad_magic, None, "magic"), (bad_kind, None, "unknown message kind"), (bad_attempt, None, "attempt -1"),
-            (huge, None, "exceeds"), (np.zeros(HEADER_LEN + 3, dtype=np.int64), None, "bad header")]
+            (huge, None, "exceeds"), (np.zeros(HEADER_LEN + 3, dtype=np.int64), None, "bad header"),
+            (np.zeros(HEADER_LEN - 3, dtype=np.int64), None, "bad header")]
     if kind in ("mpi", "loopback"):  # payloads that travel with the headers (on MPI, or in the mailbox)
         raws.append((pack_header(outgoing(Kind.ACTS, torch.zeros(4))), np.zeros(8, dtype=np.uint8),
                      "announced 16 bytes but 8 came"))
@@ -376,13 +436,14 @@ def check_closed(t: Transport, g: Group) -> None:
 
 #: The conformance list, in order; every transport runs all of it except where ``ONLY`` says otherwise.
 CHECKS: list[Callable[..., None]] = [
-    check_roundtrip, check_any_source, check_poll, check_timeout, check_waiting_cpu, check_big, check_flood,
+    check_roundtrip, check_any_source, check_early_headers, check_poll, check_timeout, check_waiting_cpu, check_big, check_flood,
     check_send_validation, check_malformed, check_inplace, check_wait_policy, check_counters, check_closed,
 ]
 #: Checks that need what only some transports have. gloo and NCCL send from a staged copy whose
 #: completion a helper thread or stream reports, so an in-place write cannot be caught reliably there.
 ONLY = {"check_wait_policy": {"mpi"}, "check_inplace": {"mpi", "loopback"}}
-NEEDS_TWO_RANKS = {"check_any_source", "check_poll", "check_big", "check_flood", "check_malformed", "check_inplace"}
+NEEDS_TWO_RANKS = {"check_any_source", "check_early_headers", "check_poll", "check_big", "check_flood",
+                   "check_malformed", "check_inplace"}
 
 
 def run_checks(raw: Transport, g: Group, kind: str) -> None:
