@@ -315,14 +315,18 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                     lines.append(f"NodeName={node} Name=gpu File={dev}")
             (self.root / "gres.conf").write_text("\n".join(lines) + "\n")
 
+    def _nodes_idle(self) -> bool:
+        """Whether sinfo shows every node idle: nothing allocated, nothing completing."""
+        out = self._client(["sinfo", "-h", "-N", "-o", "%N %t"], timeout=10, check=False)
+        states = dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
+        return out.returncode == 0 and all(states.get(node) == "idle" for node in self.nodes)
+
     def _wait_idle(self) -> None:
         def idle() -> bool:
             for name, proc in self._procs:
                 if proc.poll() is not None:
                     raise SlurmHarnessError(f"{name} exited with {proc.returncode} while starting\n{self.logs()}")
-            out = self._client(["sinfo", "-h", "-N", "-o", "%N %t"], timeout=10, check=False)
-            states = dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
-            return out.returncode == 0 and all(states.get(node) == "idle" for node in self.nodes)
+            return self._nodes_idle()
         self._wait_for(idle, self.start_timeout, f"nodes {','.join(self.nodes)} to be idle in sinfo",
                        extra=lambda: self._client(["sinfo", "-N", "-l"], timeout=10, check=False).stdout + self.logs())
 
@@ -440,12 +444,14 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
         Slurm holds a requeued batch job until two minutes after its requeue
         (its BeginTime); an administrator may move that with ``scontrol update
-        StartTime=now``, which saves each requeue test those two minutes."""
+        StartTime=now``, which saves each requeue test those two minutes. Only once the nodes
+        are idle again, though: the hold also lets the requeued instance finish on its node, and a
+        start while that node is still completing it fails the job's launch."""
         def requeued() -> bool:
             (info,) = self.job(job_id)
-            return int(info.fields.get("Restarts", 0)) >= 1 and info.state == "PENDING"
+            return int(info.fields.get("Restarts", 0)) >= 1 and info.state == "PENDING" and self._nodes_idle()
 
-        self._wait_for(requeued, timeout, f"job {job_id} to be requeued")
+        self._wait_for(requeued, timeout, f"job {job_id} to be requeued and its nodes idle")
         fields = [f"{k}={v}" for k, v in updates.items()]
         self._client(["scontrol", "update", f"JobId={job_id}", *fields, "StartTime=now"], timeout=15)
 
