@@ -2,8 +2,8 @@
 import timeit, time
 import numpy as np, torch
 from mpi4py import MPI
-from sfprompt_mpi.comm.mpi import MPITransport, PendingSend, host_buffer, HEADER_TAG, PAYLOAD_TAG
-from sfprompt_mpi.comm.protocol import Kind, outgoing, pack_header, unpack_header, HEADER_LEN, expect, ByteCounter, Header
+from sfprompt_mpi.comm.mpi import MPITransport, PendingSend, host_buffer, HEADER_TAG
+from sfprompt_mpi.comm.protocol import Kind, outgoing, pack_header, unpack_header, HEADER_LEN, expect, ByteCounter
 torch.set_num_threads(1)
 comm = MPI.COMM_SELF.Dup()
 x = torch.arange(1024, dtype=torch.float32)
