@@ -438,9 +438,8 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             raise SlurmHarnessError(f"{exc}\nlast states: {states}\n{outputs}{self.logs()}") from None
         return result
 
-    def start_requeued_now(self, job_id: int, timeout: float, **updates: str) -> None:
-        """Wait until ``job_id`` is back in the queue after a requeue, then let it start at once
-        (with ``updates``, ``scontrol update`` fields such as ``TimeLimit="10"``, applied first).
+    def start_requeued_now(self, job_id: int, timeout: float) -> None:
+        """Wait until ``job_id`` is back in the queue after a requeue, then let it start at once.
 
         Slurm holds a requeued batch job until two minutes after its requeue
         (its BeginTime); an administrator may move that with ``scontrol update
@@ -452,8 +451,7 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             return int(info.fields.get("Restarts", 0)) >= 1 and info.state == "PENDING" and self._nodes_idle()
 
         self._wait_for(requeued, timeout, f"job {job_id} to be requeued and its nodes idle")
-        fields = [f"{k}={v}" for k, v in updates.items()]
-        self._client(["scontrol", "update", f"JobId={job_id}", *fields, "StartTime=now"], timeout=15)
+        self._client(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=15)
 
     def job_output(self, info: JobInfo) -> str:
         """The job's stdout file (sbatch default joins stderr into it), for messages."""
