@@ -123,11 +123,13 @@ TABLE1 = {"fl-full": ("FL", 4.091), "sfl-full": ("SFL", 4.648), "sfprompt": ("SF
 def run_times(cfg: Config, shard: int, classes: int, devices, algos: Iterable[str]) -> dict[str, dict[str, float]]:
     """Per algorithm of ``algos``: the simulated round (seconds), its slowest client's compute and transfer,
     the server."""
-    from .estimate import simulated_round
+    from .estimate import count_full_flops, simulated_round
+    from .model.vit import build_backbone
+    full_flops = count_full_flops(build_backbone(cfg.model, classes, meta=True))  # the same for every algorithm
     out = {}
     for name in algos:
         c = dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, algo=name))
-        sim = simulated_round(c, classes, shard, devices)
+        sim = simulated_round(c, classes, shard, devices, full_flops)
         slowest = max(sim.clients.values(), key=lambda t: t.finish)
         out[name] = {"round_s": sim.seconds, "compute_s": slowest.compute, "transfer_s": slowest.down + slowest.up,
                      "server_s": slowest.server}

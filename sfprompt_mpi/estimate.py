@@ -205,9 +205,9 @@ def count_pass_flops(model, full_flops: tuple[int, int], *, batch: int = 2) -> P
         if loss.requires_grad:
             with m(f"{name}_bwd"):
                 loss.backward()
-    m.counts["full_fwd"], m.counts["full_bwd"] = (n * batch for n in full_flops)
-    fields = PassFlops.__dataclass_fields__
-    return PassFlops(**{k: m.counts.get(k, 0) // batch for k in fields})
+    counts = {k: m.counts.get(k, 0) // batch for k in PassFlops.__dataclass_fields__}
+    counts["full_fwd"], counts["full_bwd"] = full_flops
+    return PassFlops(**counts)
 
 
 def client_round_flops(shard: int, cfg: Config, f: PassFlops) -> dict[str, int]:
@@ -260,11 +260,14 @@ def describe_plan(cfg: Config, hosts: dict[int, list[int]], world_size: int, thr
     return "\n".join(lines)
 
 
-def run_pass_flops(cfg: Config, num_classes: int) -> PassFlops:
-    """:class:`PassFlops` of the run ``cfg`` describes (counted on meta modules: shapes only)."""
+def run_pass_flops(cfg: Config, num_classes: int, full_flops: tuple[int, int] | None = None) -> PassFlops:
+    """:class:`PassFlops` of the run ``cfg`` describes (counted on meta modules: shapes only);
+    ``full_flops``: :func:`count_full_flops` of its backbone, where the caller has it already."""
     from .model.vit import build_backbone
     model, _ = build_meta_model(cfg, num_classes)
-    return count_pass_flops(model, count_full_flops(build_backbone(cfg.model, num_classes, meta=True)))
+    if full_flops is None:
+        full_flops = count_full_flops(build_backbone(cfg.model, num_classes, meta=True))
+    return count_pass_flops(model, full_flops)
 
 
 def _saved_bytes(run) -> int:
@@ -305,14 +308,16 @@ def client_memory_bytes(cfg: Config, num_classes: int, batch: int) -> dict[str, 
             "activations": acts * batch // 2}
 
 
-def simulated_round(cfg: Config, num_classes: int, shard: int, devices) -> "RoundTime":
+def simulated_round(cfg: Config, num_classes: int, shard: int, devices,
+                    full_flops: tuple[int, int] | None = None) -> "RoundTime":
     """The simulated clock's round for ``cfg`` with every selected client holding ``shard`` samples:
     the plan each client would run (its body requests by the batch sizes, the wire's bytes), through
-    ``devices`` (a :class:`sfprompt_mpi.devices.Devices` with a profile per client)."""
+    ``devices`` (a :class:`sfprompt_mpi.devices.Devices` with a profile per client); ``full_flops``
+    as for :func:`run_pass_flops`."""
     from .simclock import SimClock
     model, layout = build_meta_model(cfg, num_classes)
     algo = build_algorithm(cfg)
-    f = run_pass_flops(cfg, num_classes)
+    f = run_pass_flops(cfg, num_classes, full_flops)
     wire, grad = WIRE_BYTES[cfg.comm.wire_dtype], needs_grad(model, layout)
     batches = batch_sizes(algo.kept_count(shard), cfg.fed.batch_size) * cfg.fed.split_epochs if algo.split else []
     requests = [(i, b, HEADER_BYTES + b * model.tokens * model.width * wire, grad) for i, b in enumerate(batches)]
