@@ -111,6 +111,21 @@ def ensure_installed(packages: Sequence[str] = APT_PACKAGES, binaries: Sequence[
         raise SlurmHarnessError(f"after installing {' '.join(packages)} still missing: {', '.join(missing)}")
 
 
+def _job_pids(job_id: int) -> list[int]:
+    """Processes on this host of Slurm job ``job_id``: its step daemons (``slurmstepd: [ID.batch]``)
+    and whatever runs with ``SLURM_JOB_ID=ID`` in its environment."""
+    env_mark, step_mark, pids = f"SLURM_JOB_ID={job_id}".encode(), f"[{job_id}.".encode(), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (step_mark in (entry / "cmdline").read_bytes()
+                        or env_mark in (entry / "environ").read_bytes().split(b"\0")):
+                    pids.append(int(entry.name))
+            except OSError:  # gone meanwhile, or not ours to read
+                pass
+    return pids
+
+
 def _free_ports(n: int) -> list[int]:
     socks, ports = [], []
     for _ in range(n):
@@ -438,19 +453,25 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             raise SlurmHarnessError(f"{exc}\nlast states: {states}\n{outputs}{self.logs()}") from None
         return result
 
-    def start_requeued_now(self, job_id: int, timeout: float) -> None:
-        """Wait until ``job_id`` is back in the queue after a requeue, then let it start at once.
+    def start_requeued_now(self, job_id: int, timeout: float, **updates: str) -> None:
+        """Wait until ``job_id`` is back in the queue after a requeue, then let it start at once
+        (after ``scontrol update`` of ``updates``, e.g. ``TimeLimit="10"``, if any).
 
         Slurm holds a requeued batch job until two minutes after its requeue
         (its BeginTime); an administrator may move that with ``scontrol update
         StartTime=now``, which saves each requeue test those two minutes. Only once the nodes
-        are idle again, though: the hold also lets the requeued instance finish on its node, and a
-        start while that node is still completing it fails the job's launch."""
+        are idle again and no process of the requeued instance is left (its batch shell, launcher and
+        ranks), though: the hold also lets that instance finish on its node, and a start while any of
+        it is still exiting fails the job's launch."""
         def requeued() -> bool:
             (info,) = self.job(job_id)
-            return int(info.fields.get("Restarts", 0)) >= 1 and info.state == "PENDING" and self._nodes_idle()
+            return (int(info.fields.get("Restarts", 0)) >= 1 and info.state == "PENDING" and self._nodes_idle()
+                    and not _job_pids(job_id))
 
-        self._wait_for(requeued, timeout, f"job {job_id} to be requeued and its nodes idle")
+        self._wait_for(requeued, timeout, f"job {job_id} to be requeued, its nodes idle and its processes gone")
+        if updates:
+            self._client(["scontrol", "update", f"JobId={job_id}", *(f"{k}={v}" for k, v in updates.items())],
+                         timeout=15)
         self._client(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=15)
 
     def job_output(self, info: JobInfo) -> str:

@@ -306,12 +306,7 @@ def test_wall_time_limit_stops_after_a_round_requeues_and_ends_like_an_uninterru
     # then, as an administrator might, give the requeued job time enough to finish (one requeue, not five)
     job_id = cluster.submit(JOBS / "single_node.sbatch", env=env, cwd=tmp_path,
                             args=[*SITE, "--ntasks=3", "--time=1"])
-    # (Slurm's two-minute hold of the requeued job is waited out here: moving its start to now, as the
-    # next test does, failed this job's relaunch in full-suite runs, though never alone)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and int(cluster.job(job_id)[0].fields.get("Restarts", 0)) < 1:
-        time.sleep(1)
-    cluster._client(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"])
+    cluster.start_requeued_now(job_id, timeout=300, TimeLimit="10")
     output = _assert_requeued_and_continued(cluster, job_id, tmp_path, uninterrupted)
     # Assert: it stopped on its own, on the time budget, and said how it continues
     assert "(time budget:" in output and "requeueing job" in output, output
