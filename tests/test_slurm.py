@@ -267,10 +267,10 @@ def test_single_node_trains_and_writes_run_dir(cluster, tmp_path):
 
 # --- time limits and preemption: stop after a round, requeue, continue -------
 
-# Rounds of 3-8 s on 2 cores (idle to loaded): 20 of them and the setup (12-40 s) are more than a one-minute
-# job holds even on an idle machine. Slurm starts a requeued job no sooner than 2 minutes later (its
-# BeginTime); the scontrol requeue test moves that to now, as an administrator may.
-ROUNDS = 20
+# Rounds of 2-8 s on 2 cores (idle to loaded): 8 of them leave the scontrol requeue test 6 rounds to land
+# in. The wall-time test makes its first round long instead (see there). Slurm starts a requeued job no
+# sooner than 2 minutes later (its BeginTime); both tests move that to now, as an administrator may.
+ROUNDS = 8
 STOP_ARGS = f"--server-device cpu --server-batch 1 --rounds {ROUNDS} --seed 3 --max-test-samples 200"
 
 
@@ -298,10 +298,11 @@ def _assert_requeued_and_continued(cluster: SlurmCluster, job_id: int, tmp_path:
 @pytest.mark.slurm
 def test_wall_time_limit_stops_after_a_round_requeues_and_ends_like_an_uninterrupted_run(
         cluster, tmp_path, uninterrupted):
-    # Prepare: the run does not fit in the job's one minute on any machine: rank 1 sends its first
-    # activations 20 s late (--inject-fault slow sleeps half of --client-timeout), which delays round 1
-    # and changes no number; on an idle machine the 20 rounds alone take about 40 s
-    env = job_env(EXTRA_ARGS=STOP_ARGS + " --client-timeout 40 --inject-fault slow@rank:1,round:1")
+    # Prepare: rank 1 sends its first activations 25 s late (--inject-fault slow sleeps half of
+    # --client-timeout), which changes no number. Round 1 then takes 25 s or more, so at its end at most
+    # 35 s of the job's minute are left, less than stopping.py asks for another round (1.25 x 25 s + 5 s):
+    # the run stops after round 1 on any machine, if its setup leaves round 1 time to end (< ~30 s)
+    env = job_env(EXTRA_ARGS=STOP_ARGS + " --client-timeout 50 --inject-fault slow@rank:1,round:1")
     # Execute: the run reads the job's end time (--time-budget's default), stops, the script requeues;
     # then, as an administrator might, give the requeued job time enough to finish (one requeue, not five)
     job_id = cluster.submit(JOBS / "single_node.sbatch", env=env, cwd=tmp_path,
