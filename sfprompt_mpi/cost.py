@@ -123,9 +123,8 @@ TABLE1 = {"fl-full": ("FL", 4.091), "sfl-full": ("SFL", 4.648), "sfprompt": ("SF
 def run_times(cfg: Config, shard: int, classes: int, devices, algos: Iterable[str]) -> dict[str, dict[str, float]]:
     """Per algorithm of ``algos``: the simulated round (seconds), its slowest client's compute and transfer,
     the server."""
-    from .estimate import count_full_flops, simulated_round
-    from .model.vit import build_backbone
-    full_flops = count_full_flops(build_backbone(cfg.model, classes, meta=True))  # the same for every algorithm
+    from .estimate import backbone_flops, simulated_round
+    full_flops = backbone_flops(cfg, classes)  # the same for every algorithm
     out = {}
     for name in algos:
         c = dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, algo=name))
@@ -238,15 +237,13 @@ def algorithm_costs(cfg: Config, shard: int, classes: int, algos: Iterable[str] 
     """Per ``--algo`` of ``algos`` (default every one; same model, data and epochs as ``cfg``):
     parameters exchanged, bytes per client per round, and client and server FLOPs per local sample.
 
-    ``full_flops`` (:func:`~sfprompt_mpi.estimate.count_full_flops` of the backbone) and
+    ``full_flops`` (:func:`~sfprompt_mpi.estimate.backbone_flops`) and
     ``counted`` (algorithm -> its PassFlops for this ``cfg``) spare counting again what the
     caller counted already: the counts run every op through meta kernels, seconds per model."""
     from .config import ALGOS
     from . import estimate as acc
-    from .model.vit import build_backbone
 
-    if full_flops is None:
-        full_flops = acc.count_full_flops(build_backbone(cfg.model, classes, meta=True))
+    full_flops = full_flops or acc.backbone_flops(cfg, classes)
     rows = {}
     for name in ALGOS if algos is None else algos:
         c = dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, algo=name))

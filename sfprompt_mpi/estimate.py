@@ -260,14 +260,17 @@ def describe_plan(cfg: Config, hosts: dict[int, list[int]], world_size: int, thr
     return "\n".join(lines)
 
 
+def backbone_flops(cfg: Config, num_classes: int) -> tuple[int, int]:
+    """:func:`count_full_flops` of the run's backbone on the meta device: the same for every algorithm."""
+    from .model.vit import build_backbone
+    return count_full_flops(build_backbone(cfg.model, num_classes, meta=True))
+
+
 def run_pass_flops(cfg: Config, num_classes: int, full_flops: tuple[int, int] | None = None) -> PassFlops:
     """:class:`PassFlops` of the run ``cfg`` describes (counted on meta modules: shapes only);
-    ``full_flops``: :func:`count_full_flops` of its backbone, where the caller has it already."""
-    from .model.vit import build_backbone
+    ``full_flops``: :func:`backbone_flops`, where the caller has it already."""
     model, _ = build_meta_model(cfg, num_classes)
-    if full_flops is None:
-        full_flops = count_full_flops(build_backbone(cfg.model, num_classes, meta=True))
-    return count_pass_flops(model, full_flops)
+    return count_pass_flops(model, full_flops or backbone_flops(cfg, num_classes))
 
 
 def _saved_bytes(run) -> int:
@@ -317,7 +320,7 @@ def simulated_round(cfg: Config, num_classes: int, shard: int, devices,
     from .simclock import SimClock
     model, layout = build_meta_model(cfg, num_classes)
     algo = build_algorithm(cfg)
-    f = run_pass_flops(cfg, num_classes, full_flops)
+    f = count_pass_flops(model, full_flops or backbone_flops(cfg, num_classes))  # run_pass_flops on this model
     wire, grad = WIRE_BYTES[cfg.comm.wire_dtype], needs_grad(model, layout)
     batches = batch_sizes(algo.kept_count(shard), cfg.fed.batch_size) * cfg.fed.split_epochs if algo.split else []
     requests = [(i, b, HEADER_BYTES + b * model.tokens * model.width * wire, grad) for i, b in enumerate(batches)]

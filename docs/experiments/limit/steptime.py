@@ -42,18 +42,26 @@ def _train(self, forward, indices, generator, *, epochs, lr, batch_size):
     return total / max(seen, 1), correct / max(seen, 1)
 tr.LocalTrainer.train = train
 
+
+def report(label):
+    """Medians and per-round sums of rounds 2-4 (the first quarter of the steps is round 1)."""
+    later = steps[len(steps) // 4:]
+    print(label)
+    for i, name in ((1, "fwd"), (2, "bwd"), (3, "step")):
+        print(name, "median ms", round(1000 * statistics.median(s[i] for s in later), 2),
+              "sum s/round", round(sum(s[i] for s in later) / 3, 3))
+    print("train calls s/round (rounds 2-4)", round(sum(calls[4:]) / 3, 3),
+          "steps s/round", round(sum(s[1] + s[2] + s[3] for s in later) / 3, 3))
+
+
 if len(sys.argv) > 2 and sys.argv[2] == "serial":  # evaluate before the next round starts (see overlap.py)
     import sfprompt_mpi.fed.server as srv
     run_round = srv.Server.run_round
     srv.Server.run_round = lambda self, rnd, start_next=False: run_round(self, rnd, start_next=False)
 
 from sfprompt_mpi.run import main
-rc = main(["--reference", "--algo", "fl-full", "--clients", "4", "--rounds", "4", "--threads", "1", "--run-dir", sys.argv[1]])
-n = len(steps) // 4
-later = steps[n:]  # rounds 2..4
-for i, name in ((1, "fwd"), (2, "bwd"), (3, "step")):
-    print(name, "median ms", round(1000 * statistics.median(s[i] for s in later), 2), "sum s/round", round(sum(s[i] for s in later) / 3, 3))
-print("train calls s/round (rounds 2-4)", round(sum(calls[4:]) / 3, 3), "steps s/round", round(sum(s[1] + s[2] + s[3] for s in later) / 3, 3))
+main(["--reference", "--algo", "fl-full", "--clients", "4", "--rounds", "4", "--threads", "1", "--run-dir", sys.argv[1]])
+report("run:")
 
 # alone: the same patched loop, the same four clients, from the run's initial parameters, no server
 steps.clear(); calls.clear()
@@ -70,8 +78,4 @@ def go():
             loop.layout.write(loop.model, loop.layout.unflatten(start_F))
             trainer.train(loop.model, loop.shards[cid], torch.Generator().manual_seed(rnd * 10 + cid), epochs=1, lr=loop.cfg.fed.lr, batch_size=loop.cfg.fed.batch_size)
 th = threading.Thread(target=go, name="alone"); th.start(); th.join()
-later = steps[len(steps) // 4:]
-print("alone:")
-for i, name in ((1, "fwd"), (2, "bwd"), (3, "step")):
-    print(name, "median ms", round(1000 * statistics.median(s[i] for s in later), 2), "sum s/round", round(sum(s[i] for s in later) / 3, 3))
-print("train calls s/round (rounds 2-4)", round(sum(calls[4:]) / 3, 3), "steps s/round", round(sum(s[1] + s[2] + s[3] for s in later) / 3, 3))
+report("alone:")
