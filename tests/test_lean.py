@@ -1,0 +1,91 @@
+"""A rank without ``torch._dynamo`` (sfprompt_mpi/lean.py): deferred through a whole run, loaded
+for real where something needs it, and the same parameters either way.
+
+Each check runs in a fresh interpreter: this test process has imported the real module long ago.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import run_helpers as helpers  # tests/mpi, put on sys.path by tests/conftest.py
+
+
+def _python(code: str, **env: str) -> str:
+    """Run ``code`` in a fresh interpreter from the repository root -> its stdout (must exit 0)."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=helpers.ROOT, capture_output=True,
+                          text=True, timeout=300, env={**helpers.os.environ, "PYTHONPATH": str(helpers.ROOT),
+                                                       "OMP_NUM_THREADS": "1", **env})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+TRAIN_A_STEP = """
+    import sys
+    from sfprompt_mpi.lean import defer_dynamo, dynamo_deferred
+    print("installed", defer_dynamo())
+    import torch, torch.nn.functional as F, timm, torchvision
+    from sfprompt_mpi.config import parse_config
+    from sfprompt_mpi.model.split import build_model
+    cfg = parse_config([])
+    model = build_model(cfg.model, 10, cfg.run.seed, quiet=True)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)
+    F.cross_entropy(model(torch.zeros(2, 3, 32, 32)), torch.zeros(2, dtype=torch.long)).backward()
+    opt.step()
+    print("deferred", dynamo_deferred(), "torch._dynamo" in sys.modules)
+"""
+
+
+def test_imports_a_model_and_an_optimiser_step_leave_dynamo_deferred():
+    assert _python(TRAIN_A_STEP).split() == ["installed", "True", "deferred", "True", "True"]
+
+
+def test_keep_dynamo_imports_it_as_usual():
+    assert _python(TRAIN_A_STEP, SFPROMPT_KEEP_DYNAMO="1").split() == [
+        "installed", "False", "deferred", "False", "True"]
+
+
+def test_a_submodule_import_loads_the_real_package_once_and_compile_still_works():
+    out = _python("""
+        import sys, torch
+        from sfprompt_mpi.lean import defer_dynamo, dynamo_deferred
+        defer_dynamo()
+        import torchvision  # its ops take one helper from the stand-in's utils
+        before = dynamo_deferred()
+        import torch._dynamo.decorators as decorators  # what another library may do (peft's transformers)
+        # the real package imported this submodule itself: the import above must hand out that very module
+        print(before, dynamo_deferred(), decorators.disable is torch._dynamo.disable,
+              sys.modules["torch._dynamo"] is torch._dynamo)
+        print(float(torch.compile(lambda x: x * 2, backend="eager")(torch.ones(3)).sum()))
+    """)
+    assert out.split() == ["True", "False", "True", "True", "6.0"]
+
+
+@pytest.mark.slow
+def test_a_run_never_loads_dynamo_and_ends_bitwise_where_a_run_that_loaded_it_ends(tmp_path):
+    code = """
+        import sys
+        from sfprompt_mpi.run import main
+        assert main(sys.argv[1:]) == 0
+        from sfprompt_mpi.lean import dynamo_deferred
+        print("deferred", dynamo_deferred())
+    """
+    flags = ["--rounds", "2", "--clients", "2", "--max-train-samples", "96", "--max-test-samples", "30",
+             "--threads", "1", "--batch-size", "16", "--devices", "jetson", "--reference"]
+    runs = {}
+    for name, env in (("lean", {}), ("kept", {"SFPROMPT_KEEP_DYNAMO": "1"})):
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *flags, "--run-dir", str(tmp_path / name)],
+                              cwd=helpers.ROOT, capture_output=True, text=True, timeout=300,
+                              env={**helpers.os.environ, "PYTHONPATH": str(helpers.ROOT), "OMP_NUM_THREADS": "1", **env})
+        assert done.returncode == 0, done.stdout + done.stderr
+        runs[name] = (done.stdout.split()[-2:], load_file(str(tmp_path / name / "checkpoint" / "global.safetensors")))
+
+    assert runs["lean"][0] == ["deferred", "True"] and runs["kept"][0] == ["deferred", "False"]
+    lean, kept = runs["lean"][1], runs["kept"][1]
+    assert sorted(lean) == sorted(kept) and all(torch.equal(lean[k], kept[k]) for k in lean)
