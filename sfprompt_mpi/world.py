@@ -20,11 +20,11 @@ from .node import NodeLayout, node_layout, single_process_layout
 if TYPE_CHECKING:
     from .config import Config
 
-#: Memory one rank needs at least with a small model: the imports of torch,
-#: torchvision and timm alone take about 0.41 GB of private memory per
-#: process (measured on CPU, torch 2.15); 51 ranks of the offline default
-#: peaked at 23.5 GB on a 24 GB node. See README, "Many ranks on one node".
-RANK_MEMORY_FLOOR_GB = 0.42
+#: Memory one rank needs at least with a small model: a client rank of the
+#: offline default peaks at 0.38 GB of private memory (Private_Dirty, measured
+#: on CPU, torch 2.14, with torch._dynamo deferred: lean.py; 0.42 GB with it);
+#: 51 such ranks used 19.6 GB. See README, "Many ranks on one node".
+RANK_MEMORY_FLOOR_GB = 0.38
 
 _MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
 
