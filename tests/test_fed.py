@@ -228,9 +228,10 @@ def test_bfloat16_server_body_runs_the_body_in_bfloat16_and_stays_close(tmp_path
 @pytest.mark.slow
 def test_default_job_learns_digits_far_above_chance(tmp_path) -> None:
     # The offline default (digits, micro ViT from the shipped fractal-pretrained weights, 4 clients, 10 rounds).
-    # Chance is 0.10; this seed reaches ~0.73 here. We hold 0.5.
+    # Chance is 0.10; this seed reaches ~0.88 here with one thread. We hold 0.5. One thread: the test
+    # shares the CPUs with another pytest-xdist worker, where a second torch thread only adds contention.
     run_dir = tmp_path / "run"
-    assert main(["--run-dir", str(run_dir), "--threads", "2"]) == 0
+    assert main(["--run-dir", str(run_dir), "--threads", "1"]) == 0
     steps, acc = read_metrics(run_dir / "metrics" / "rank00000.h5")["test_acc"]
     assert list(steps) == list(range(1, 11))
     assert acc[-1] >= 0.5, acc
