@@ -3,8 +3,8 @@
 Every rank imports torch, torchvision and timm, and with them ``torch._dynamo``, the
 ``torch.compile`` front end this project never uses: torchvision's ``ops`` import one helper
 from it, and torch's optimisers call its no-op ``graph_break`` and wrap methods with
-``torch._disable_dynamo`` (which imports it on first call). That import is about 1.9 s of CPU and
-0.08 GB of private memory per process (sympy included), over a third of a rank's start-up.
+``torch._disable_dynamo`` (which imports it on first call). That import is 1.5-1.9 s of CPU and
+0.07 GB of private memory per process (sympy included), a third of a rank's imports.
 
 :func:`defer_dynamo` puts a stand-in module in its place. In eager execution, which is all a run
 does, the stand-in gives exactly what the real module gives:

@@ -6,7 +6,6 @@ Each check runs in a fresh interpreter: this test process has imported the real 
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 
@@ -17,19 +16,18 @@ from safetensors.torch import load_file
 import run_helpers as helpers  # tests/mpi, put on sys.path by tests/conftest.py
 
 
-def _python(code: str, **env: str) -> str:
-    """Run ``code`` in a fresh interpreter from the repository root -> its stdout (must exit 0)."""
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=helpers.ROOT, capture_output=True,
-                          text=True, timeout=300, env={**helpers.os.environ, "PYTHONPATH": str(helpers.ROOT),
-                                                       "OMP_NUM_THREADS": "1", **env})
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+def _python(code: str, *args: str, **env: str) -> list[str]:
+    """Run ``code`` (with ``args``) in a fresh interpreter, bounded -> the words of its lines that start
+    with ``RESULT`` (its output also holds the run's log lines); it must exit 0."""
+    done = helpers.run_bounded([sys.executable, "-c", textwrap.dedent(code), *args], env=env)
+    assert done.returncode == 0, done.report()
+    return [w for line in done.output.splitlines() if line.startswith("RESULT") for w in line.split()[1:]]
 
 
 TRAIN_A_STEP = """
     import sys
     from sfprompt_mpi.lean import defer_dynamo, dynamo_deferred
-    print("installed", defer_dynamo())
+    print("RESULT installed", defer_dynamo())
     import torch, torch.nn.functional as F, timm, torchvision
     from sfprompt_mpi.config import parse_config
     from sfprompt_mpi.model.split import build_model
@@ -38,12 +36,12 @@ TRAIN_A_STEP = """
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)
     F.cross_entropy(model(torch.zeros(2, 3, 32, 32)), torch.zeros(2, dtype=torch.long)).backward()
     opt.step()
-    print("deferred", dynamo_deferred(), "torch._dynamo" in sys.modules)
+    print("RESULT deferred", dynamo_deferred(), "torch._dynamo" in sys.modules)
 """
 
 
 def test_imports_a_model_and_an_optimiser_step_leave_dynamo_deferred():
-    assert _python(TRAIN_A_STEP).split() == ["installed", "True", "deferred", "True", "True"]
+    assert _python(TRAIN_A_STEP) == ["installed", "True", "deferred", "True", "True"]
 
 
 def test_keep_dynamo_installs_no_stand_in():
@@ -51,9 +49,9 @@ def test_keep_dynamo_installs_no_stand_in():
     out = _python("""
         import sys
         from sfprompt_mpi.lean import defer_dynamo
-        print(defer_dynamo(), "torch._dynamo" in sys.modules)
+        print("RESULT", defer_dynamo(), "torch._dynamo" in sys.modules)
     """, SFPROMPT_KEEP_DYNAMO="1")
-    assert out.split() == ["False", "False"]
+    assert out == ["False", "False"]
 
 
 def test_a_submodule_import_loads_the_real_package_once_and_compile_still_works():
@@ -65,11 +63,11 @@ def test_a_submodule_import_loads_the_real_package_once_and_compile_still_works(
         before = dynamo_deferred()
         import torch._dynamo.decorators as decorators  # what another library may do (peft's transformers)
         # the real package imported this submodule itself: the import above must hand out that very module
-        print(before, dynamo_deferred(), decorators.disable is torch._dynamo.disable,
+        print("RESULT", before, dynamo_deferred(), decorators.disable is torch._dynamo.disable,
               sys.modules["torch._dynamo"] is torch._dynamo)
-        print(float(torch.compile(lambda x: x * 2, backend="eager")(torch.ones(3)).sum()))
+        print("RESULT", float(torch.compile(lambda x: x * 2, backend="eager")(torch.ones(3)).sum()))
     """)
-    assert out.split() == ["True", "False", "True", "True", "6.0"]
+    assert out == ["True", "False", "True", "True", "6.0"]
 
 
 @pytest.mark.slow
@@ -79,18 +77,13 @@ def test_a_run_never_loads_dynamo_and_ends_bitwise_where_a_run_that_loaded_it_en
         from sfprompt_mpi.run import main
         assert main(sys.argv[1:]) == 0
         from sfprompt_mpi.lean import dynamo_deferred
-        print("deferred", dynamo_deferred())
+        print("RESULT", dynamo_deferred())
     """
     flags = ["--rounds", "2", "--clients", "2", "--max-train-samples", "96", "--max-test-samples", "30",
              "--threads", "1", "--batch-size", "16", "--devices", "jetson", "--reference"]
-    runs = {}
-    for name, env in (("lean", {}), ("kept", {"SFPROMPT_KEEP_DYNAMO": "1"})):
-        done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *flags, "--run-dir", str(tmp_path / name)],
-                              cwd=helpers.ROOT, capture_output=True, text=True, timeout=300,
-                              env={**helpers.os.environ, "PYTHONPATH": str(helpers.ROOT), "OMP_NUM_THREADS": "1", **env})
-        assert done.returncode == 0, done.stdout + done.stderr
-        runs[name] = (done.stdout.split()[-2:], load_file(str(tmp_path / name / "checkpoint" / "global.safetensors")))
+    deferred = {name: _python(code, *flags, "--run-dir", str(tmp_path / name), **env)
+                for name, env in (("lean", {}), ("kept", {"SFPROMPT_KEEP_DYNAMO": "1"}))}
 
-    assert runs["lean"][0] == ["deferred", "True"] and runs["kept"][0] == ["deferred", "False"]
-    lean, kept = runs["lean"][1], runs["kept"][1]
+    assert deferred == {"lean": ["True"], "kept": ["False"]}
+    lean, kept = (load_file(str(tmp_path / name / "checkpoint" / "global.safetensors")) for name in ("lean", "kept"))
     assert sorted(lean) == sorted(kept) and all(torch.equal(lean[k], kept[k]) for k in lean)
