@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sfprompt_mpi.world import _mem_available_gb  # what the run's own memory check reads
+
 ranks, flags = int(sys.argv[1]), sys.argv[2:]
 venv = Path(sys.executable).parent
 run_dir = tempfile.mkdtemp(prefix="rank-memory-")
@@ -49,9 +51,7 @@ while job.poll() is None:
                     peak[proc] = max(peak.get(proc, 0.0), int(line.split()[1]) / 2**20)
         except OSError:
             pass
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            lowest = min(lowest, int(line.split()[1]) / 2**20)
+    lowest = min(lowest, _mem_available_gb() or lowest)
     time.sleep(0.3)
 print("\n".join(line for line in job.stdout.read().splitlines() if "setup took" in line or "error" in line))
 values = sorted(peak.values())
