@@ -1,25 +1,30 @@
-"""A rank without ``torch._dynamo``: its import is deferred until something really compiles.
+"""A rank without ``torch._dynamo`` nor sympy: their imports are deferred until something needs them.
 
 Every rank imports torch, torchvision and timm, and with them ``torch._dynamo``, the
 ``torch.compile`` front end this project never uses: torchvision's ``ops`` import one helper
 from it, and torch's optimisers call its no-op ``graph_break`` and wrap methods with
 ``torch._disable_dynamo`` (which imports it on first call). That import is 1.5-1.9 s of CPU and
 0.07 GB of private memory per process (sympy included), a third of a rank's imports.
+Without it, sympy still came with ``torch.fx.experimental.symbolic_shapes``, which autograd
+imports for two helpers on the first backward given an explicit gradient (the server's body, a
+split client's head): 0.55 s of CPU and 0.035 GB per process.
 
-:func:`defer_dynamo` puts a stand-in module in its place. In eager execution, which is all a run
-does, the stand-in gives exactly what the real module gives:
+:func:`defer_imports` puts a stand-in module in the place of each. In eager execution, which is
+all a run does, a stand-in gives exactly what the real module gives:
 
-- ``disable(fn)`` returns ``fn`` itself: dynamo's wrapper only changes what happens while
-  dynamo traces, and nothing here is traced;
-- ``graph_break()`` does nothing, as the real one does outside a trace;
-- ``is_compiling()`` is False;
-- ``utils.is_compile_supported`` loads the real module when it is called.
+- ``torch._dynamo``: ``disable(fn)`` returns ``fn`` itself (dynamo's wrapper only changes what
+  happens while dynamo traces, and nothing here is traced); ``graph_break()`` does nothing, as
+  the real one does outside a trace; ``is_compiling()`` is False; ``utils.is_compile_supported``
+  loads the real module when it is called.
+- ``torch.fx.experimental.symbolic_shapes``: ``sym_eq`` of plain ints and tuples of them is ``==``,
+  ``expect_true`` of a plain bool is that bool; any symbolic argument goes to the real functions.
 
 Anything else (``torch.compile``, ``torch._dynamo.config``, an import of one of its submodules
-by another library, such as peft's transformers) loads the real ``torch._dynamo`` at that moment
-and goes on with it, so a process that does need it still gets it, later. The parameters a run
-ends with are bitwise those of a process that imported it (tested). Set
-``SFPROMPT_KEEP_DYNAMO=1`` to import it as usual.
+by another library, such as peft's transformers; meta kernels that need symbolic shapes, as the
+FLOP counting of ``--devices`` runs does) loads the real module at that moment and goes on with
+it, so a process that does need it still gets it, later. The parameters a run ends with are
+bitwise those of a process that imported both (tested). Set ``SFPROMPT_KEEP_DYNAMO=1`` to import
+them as usual.
 """
 
 from __future__ import annotations
@@ -34,16 +39,19 @@ from typing import Any, Callable
 
 NAME = "torch._dynamo"
 _UTILS = NAME + ".utils"
+SHAPES = "torch.fx.experimental.symbolic_shapes"
 _stand_ins: dict[str, "_Deferred"] = {}
 
 
-def defer_dynamo() -> bool:
-    """Install the stand-in (before torchvision, timm or an optimiser load the real module)
-    -> whether it is in place. Does nothing where the real module is loaded already, or
-    where ``SFPROMPT_KEEP_DYNAMO`` is set to anything but 0 or empty."""
+def defer_imports() -> bool:
+    """Install the stand-ins (before torchvision, timm or an optimiser load the real modules)
+    -> whether ``torch._dynamo``'s is in place. Leaves alone a module that is loaded already, and
+    does nothing where ``SFPROMPT_KEEP_DYNAMO`` is set to anything but 0 or empty."""
     if os.environ.get("SFPROMPT_KEEP_DYNAMO", "0") not in ("", "0"):
         return False
     import torch
+    import torch.fx.experimental  # the parent package the shapes stand-in is set on
+    _defer_shapes(torch.fx.experimental)
     if NAME in sys.modules:
         return isinstance(sys.modules[NAME], _Deferred)
     find = importlib.machinery.PathFinder.find_spec
@@ -58,37 +66,68 @@ def defer_dynamo() -> bool:
     top.is_compiling = _is_compiling
     top.utils = utils
     utils.is_compile_supported = _is_compile_supported
-    _stand_ins.update({NAME: top, _UTILS: utils})
-    sys.modules.update(_stand_ins)
-    torch._dynamo = top  # type: ignore[attr-defined]
+    _install(top, torch, "_dynamo")
+    _install(utils)
     return True
 
 
+def _defer_shapes(parent: types.ModuleType) -> None:
+    spec = importlib.machinery.PathFinder.find_spec(SHAPES, list(parent.__path__))
+    if SHAPES in sys.modules or spec is None:
+        return
+    shapes = _Deferred(SHAPES)
+    shapes.__spec__ = spec
+    shapes.sym_eq = _sym_eq
+    shapes.expect_true = _expect_true
+    _install(shapes, parent, "symbolic_shapes")
+
+
+def _install(module: "_Deferred", parent: types.ModuleType | None = None, attr: str = "") -> None:
+    module._parent, module._attr = parent, attr
+    _stand_ins[module.__name__] = sys.modules[module.__name__] = module
+    if parent is not None:
+        setattr(parent, attr, module)
+
+
+def deferred(name: str = NAME) -> bool:
+    """Whether module ``name`` is still a stand-in (the real module was never needed)."""
+    return isinstance(sys.modules.get(name), _Deferred)
+
+
 def dynamo_deferred() -> bool:
-    """Whether ``torch._dynamo`` is still the stand-in (the real module was never needed)."""
-    return isinstance(sys.modules.get(NAME), _Deferred)
+    """Whether ``torch._dynamo`` is still the stand-in."""
+    return deferred(NAME)
+
+
+def load(name: str) -> types.ModuleType:
+    """The real module ``name`` (a deferred one: ``torch._dynamo`` with its submodules, or the
+    symbolic shapes), imported now if its stand-in is still in its place."""
+    if deferred(name):
+        for key, module in list(_stand_ins.items()):
+            if (key == name or key.startswith(name + ".")) and sys.modules.get(key) is module:
+                del sys.modules[key]
+                if module._parent is not None and getattr(module._parent, module._attr, None) is module:
+                    delattr(module._parent, module._attr)
+    return importlib.import_module(name)
 
 
 def load_dynamo() -> types.ModuleType:
     """The real ``torch._dynamo``, imported now if the stand-in is still in its place."""
-    if dynamo_deferred():
-        import torch
-        for name, module in _stand_ins.items():
-            if sys.modules.get(name) is module:
-                del sys.modules[name]
-        if getattr(torch, "_dynamo", None) is _stand_ins[NAME]:
-            del torch._dynamo  # type: ignore[attr-defined]
-    return importlib.import_module(NAME)
+    return load(NAME)
 
 
 class _Deferred(types.ModuleType):
-    """The stand-in: the few eager no-ops set on it, everything else from the real module."""
+    """A stand-in: the few eager answers set on it, everything else from the real module."""
+
+    _parent: types.ModuleType | None = None
+    _attr = ""
 
     def __getattr__(self, name: str) -> Any:
-        package = name == "__path__" and self.__name__ == NAME  # utils is a plain module, not a package
+        package = name == "__path__" and self.__name__ == NAME  # only torch._dynamo is a package
         if name.startswith("__") and not package:
             raise AttributeError(name)
-        load_dynamo()
+        top = NAME if self.__name__.startswith(NAME) else self.__name__
+        load(top)
         if package:
             # The import system asks for the parent's __path__ to import a submodule: the real package
             # is loaded now, and if it imported that submodule itself, _Reuse stops a second execution.
@@ -134,3 +173,21 @@ def _is_compiling() -> bool:
 def _is_compile_supported(*args: Any, **kwargs: Any) -> Any:
     load_dynamo()
     return importlib.import_module(_UTILS).is_compile_supported(*args, **kwargs)
+
+
+def _plain_ints(x: Any) -> bool:
+    return isinstance(x, (tuple, list)) and all(type(v) is int for v in x)
+
+
+def _sym_eq(x: Any, y: Any) -> Any:
+    if _plain_ints(x) and _plain_ints(y):
+        return len(x) == len(y) and all(a == b for a, b in zip(x, y))
+    if type(x) is int and type(y) is int:
+        return x == y
+    return load(SHAPES).sym_eq(x, y)
+
+
+def _expect_true(a: Any, skip: int = 0) -> Any:
+    if type(a) is bool:
+        return a
+    return load(SHAPES).expect_true(a, skip + 1)

@@ -400,6 +400,23 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             out.append(self._tail(log if log.is_file() and log.stat().st_size else console, 1500))
         return "".join(out)
 
+    def job_log(self, job_id: int, lines: int = 80) -> str:
+        """Every daemon's log lines about job ``job_id`` (its launches, requeues, exits), for a failed job's
+        message: the logs go with the cluster's temporary directory."""
+        if self.root is None:
+            return ""
+        marks = re.compile(rf"(JobId={job_id}\b|[Jj]ob[ _]?{job_id}\b|\[{job_id}\.|StepId={job_id}\.)")
+        out = []
+        for daemon in ["slurmctld", *(f"slurmd-{node}" for node in self.nodes)]:
+            try:
+                text = (self.root / f"{daemon}.log").read_text(errors="replace")
+            except OSError:
+                continue
+            hits = [line for line in text.splitlines() if marks.search(line)]
+            out.append(f"--- {daemon}.log, job {job_id} ({len(hits)} lines, last {lines}) ---\n"
+                       + "\n".join(hits[-lines:]) + "\n")
+        return "".join(out)
+
     # -- jobs ----------------------------------------------------------------
 
     def submit(self, script: str | Path, env: Mapping[str, str] | None = None,
@@ -450,7 +467,7 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             self._client(["scancel", str(job_id)], timeout=15, check=False)
             states = ", ".join(f"{i.job_id}:{i.state} (reason {i.fields.get('Reason', '?')})" for i in result)
             outputs = "".join(self.job_output(i) for i in result)
-            raise SlurmHarnessError(f"{exc}\nlast states: {states}\n{outputs}{self.logs()}") from None
+            raise SlurmHarnessError(f"{exc}\nlast states: {states}\n{outputs}{self.job_log(job_id)}{self.logs()}") from None
         return result
 
     def start_requeued_now(self, job_id: int, timeout: float, **updates: str) -> None:
@@ -468,7 +485,8 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             return (int(info.fields.get("Restarts", 0)) >= 1 and info.state == "PENDING" and self._nodes_idle()
                     and not _job_pids(job_id))
 
-        self._wait_for(requeued, timeout, f"job {job_id} to be requeued, its nodes idle and its processes gone")
+        self._wait_for(requeued, timeout, f"job {job_id} to be requeued, its nodes idle and its processes gone",
+                       extra=lambda: self.job_log(job_id))
         if updates:
             self._client(["scontrol", "update", f"JobId={job_id}", *(f"{k}={v}" for k, v in updates.items())],
                          timeout=15)

@@ -1,5 +1,5 @@
-"""A rank without ``torch._dynamo`` (sfprompt_mpi/lean.py): deferred through a whole run, loaded
-for real where something needs it, and the same parameters either way.
+"""A rank without ``torch._dynamo`` nor sympy (sfprompt_mpi/lean.py): both deferred through a whole run,
+loaded for real where something needs them, and the same parameters either way.
 
 Each check runs in a fresh interpreter: this test process has imported the real module long ago.
 """
@@ -26,30 +26,58 @@ def _python(code: str, *args: str, **env: str) -> list[str]:
 
 TRAIN_A_STEP = """
     import sys
-    from sfprompt_mpi.lean import defer_dynamo, dynamo_deferred
-    print("RESULT installed", defer_dynamo())
+    from sfprompt_mpi.lean import SHAPES, defer_imports, deferred, dynamo_deferred
+    print("RESULT installed", defer_imports())
     import torch, torch.nn.functional as F, timm, torchvision
     from sfprompt_mpi.config import parse_config
+    from sfprompt_mpi.estimate import build_meta_model
     from sfprompt_mpi.model.split import build_model
     cfg = parse_config([])
+    build_meta_model(cfg, 10)
     model = build_model(cfg.model, 10, cfg.run.seed, quiet=True)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)
+    acts = model.head(torch.zeros(2, 3, 32, 32))
+    body = model.body(acts.detach().requires_grad_(True))
+    (grad,) = torch.autograd.grad(body, body, torch.ones_like(body))   # the server's, with a gradient
+    acts.backward(torch.ones_like(acts))                              # the client's head backward
     F.cross_entropy(model(torch.zeros(2, 3, 32, 32)), torch.zeros(2, dtype=torch.long)).backward()
     opt.step()
-    print("RESULT deferred", dynamo_deferred(), "torch._dynamo" in sys.modules)
+    print("RESULT deferred", dynamo_deferred(), "torch._dynamo" in sys.modules, deferred(SHAPES),
+          "sympy" in sys.modules)
 """
 
 
-def test_imports_a_model_and_an_optimiser_step_leave_dynamo_deferred():
-    assert _python(TRAIN_A_STEP) == ["installed", "True", "deferred", "True", "True"]
+def test_imports_a_meta_model_split_backward_and_an_optimiser_step_leave_both_deferred():
+    assert _python(TRAIN_A_STEP) == ["installed", "True", "deferred", "True", "True", "True", "False"]
+
+
+def test_the_shapes_stand_in_answers_as_the_real_module_and_loads_it_for_anything_else():
+    out = _python("""
+        import sys
+        from sfprompt_mpi.lean import SHAPES, defer_imports, deferred
+        defer_imports()
+        from torch.fx.experimental.symbolic_shapes import expect_true, sym_eq
+        import torch
+        cases = [((1, 2), (1, 2)), (torch.Size([3, 4]), (3, 4)), ((1, 2), (1, 3)), ((1,), (1, 2)), (5, 5), (5, 6)]
+        mine = [sym_eq(a, b) for a, b in cases] + [expect_true(True), expect_true(False)]
+        print("RESULT", deferred(SHAPES), "sympy" in sys.modules)
+        import torch.fx.experimental.symbolic_shapes as shapes
+        shapes.ShapeEnv                     # anything else: the real module, from then on
+        real = [shapes.sym_eq(a, b) for a, b in cases] + [shapes.expect_true(True), shapes.expect_true(False)]
+        print("RESULT", deferred(SHAPES), "sympy" in sys.modules, mine == real, *mine)
+        real_module = sys.modules[SHAPES]
+        print("RESULT", real_module is torch.fx.experimental.symbolic_shapes, real_module.sym_eq is not sym_eq)
+    """)
+    assert out == ["True", "False", "False", "True", "True", "True", "True", "False", "False", "True", "False",
+                   "True", "False", "True", "True"]
 
 
 def test_keep_dynamo_installs_no_stand_in():
     # a whole run with it set loads the real module: see the last test
     out = _python("""
         import sys
-        from sfprompt_mpi.lean import defer_dynamo
-        print("RESULT", defer_dynamo(), "torch._dynamo" in sys.modules)
+        from sfprompt_mpi.lean import defer_imports
+        print("RESULT", defer_imports(), "torch._dynamo" in sys.modules)
     """, SFPROMPT_KEEP_DYNAMO="1")
     assert out == ["False", "False"]
 
@@ -57,8 +85,8 @@ def test_keep_dynamo_installs_no_stand_in():
 def test_a_submodule_import_loads_the_real_package_once_and_compile_still_works():
     out = _python("""
         import sys, torch
-        from sfprompt_mpi.lean import defer_dynamo, dynamo_deferred
-        defer_dynamo()
+        from sfprompt_mpi.lean import defer_imports, dynamo_deferred
+        defer_imports()
         import torchvision  # its ops take one helper from the stand-in's utils
         before = dynamo_deferred()
         import torch._dynamo.decorators as decorators  # what another library may do (peft's transformers)
@@ -71,19 +99,20 @@ def test_a_submodule_import_loads_the_real_package_once_and_compile_still_works(
 
 
 @pytest.mark.slow
-def test_a_run_never_loads_dynamo_and_ends_bitwise_where_a_run_that_loaded_it_ends(tmp_path):
+def test_a_run_never_loads_dynamo_nor_sympy_and_ends_bitwise_where_a_run_that_loaded_them_ends(tmp_path):
     code = """
         import sys
         from sfprompt_mpi.run import main
         assert main(sys.argv[1:]) == 0
-        from sfprompt_mpi.lean import dynamo_deferred
-        print("RESULT", dynamo_deferred())
+        from sfprompt_mpi.lean import SHAPES, deferred, dynamo_deferred
+        print("RESULT", dynamo_deferred(), deferred(SHAPES), "sympy" in sys.modules)
     """
+    # sfprompt: the server's body and the clients' heads run backward with a received gradient
     flags = ["--rounds", "2", "--clients", "2", "--max-train-samples", "96", "--max-test-samples", "30",
-             "--threads", "1", "--batch-size", "16", "--devices", "jetson", "--reference"]
+             "--threads", "1", "--batch-size", "16", "--reference"]
     deferred = {name: _python(code, *flags, "--run-dir", str(tmp_path / name), **env)
                 for name, env in (("lean", {}), ("kept", {"SFPROMPT_KEEP_DYNAMO": "1"}))}
 
-    assert deferred == {"lean": ["True"], "kept": ["False"]}
+    assert deferred == {"lean": ["True", "True", "False"], "kept": ["False", "False", "True"]}
     lean, kept = (load_file(str(tmp_path / name / "checkpoint" / "global.safetensors")) for name in ("lean", "kept"))
     assert sorted(lean) == sorted(kept) and all(torch.equal(lean[k], kept[k]) for k in lean)

@@ -288,8 +288,9 @@ def _assert_requeued_and_continued(cluster: SlurmCluster, job_id: int, tmp_path:
     from test_stopping import assert_continued_like_uninterrupted
     (info,) = cluster.wait(job_id, timeout=900)
     output = cluster.job_output(info)
-    assert info.state == "COMPLETED" and info.exit_code == "0:0", f"{info.state} {info.exit_code}\n{output}"
-    assert int(info.fields.get("Restarts", 0)) >= 1, output
+    assert info.state == "COMPLETED" and info.exit_code == "0:0", \
+        f"{info.state} {info.exit_code}\n{output}{cluster.job_log(job_id)}"
+    assert int(info.fields.get("Restarts", 0)) >= 1, output + cluster.job_log(job_id)
     assert "stopped after round" in output and "Traceback" not in output, output
     assert_continued_like_uninterrupted(tmp_path / "runs" / str(job_id), whole, ROUNDS, ranks=3)
     return output

@@ -51,7 +51,7 @@ def build_backbone(cfg: ModelConfig, num_classes: int, *, quiet: bool = False, m
     kwargs = dict(num_classes=num_classes)
     if meta:
         with torch.device("meta"):
-            return _create(name, base, pretrained=False, **kwargs)
+            return _create(name, base, pretrained=False, meta=True, **kwargs)
     if cfg.checkpoint:  # an explicit file wins over the (default-on) pretrained weights
         vit = _create(name, base, pretrained=False, **kwargs)
         load_backbone_weights(vit, cfg.checkpoint)
@@ -62,7 +62,7 @@ def build_backbone(cfg: ModelConfig, num_classes: int, *, quiet: bool = False, m
             load_backbone_weights(vit, shipped_weights(base))
             return vit
         with torch.device("meta"):  # a wrong name is "unknown model", not a failed download
-            _create(name, base, pretrained=False, **kwargs)
+            _create(name, base, pretrained=False, meta=True, **kwargs)
         try:
             return _create(name, base, pretrained=True, **kwargs)
         except UserError:
@@ -76,12 +76,23 @@ def build_backbone(cfg: ModelConfig, num_classes: int, *, quiet: bool = False, m
     return _create(name, base, pretrained=False, **kwargs)
 
 
-def _create(name: str, base: str, *, pretrained: bool, **kwargs) -> VisionTransformer:
+def _create(name: str, base: str, *, pretrained: bool, meta: bool = False, **kwargs) -> VisionTransformer:
+    """``meta``: on the meta device, where timm's weight init would only cost time (its truncated
+    normal goes through torch's Python reference kernels, about 0.3 s per model, and imports sympy, 0.7 s
+    more): skipped, as timm's ``weight_init='skip'`` allows."""
+    if meta:
+        kwargs["weight_init"] = "skip"
     if base in SMALL_MODELS:
         return VisionTransformer(**SMALL_MODELS[base], **kwargs)
     if not timm.is_model(base):
         raise UserError(f"unknown model {name!r}: not a timm model nor one of {', '.join(SMALL_MODELS)}")
-    vit = timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        vit = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError:
+        if not meta:
+            raise
+        del kwargs["weight_init"]  # not a VisionTransformer: built as it is, to be refused by its class below
+        vit = timm.create_model(name, pretrained=pretrained, **kwargs)
     if not isinstance(vit, VisionTransformer):
         raise UserError(f"model {name!r} is a {type(vit).__name__}, not a timm VisionTransformer")
     return vit

@@ -12,8 +12,8 @@ import os
 import sys
 
 if sys.argv[1:] == ["defer"]:
-    from sfprompt_mpi.lean import defer_dynamo
-    defer_dynamo()
+    from sfprompt_mpi.lean import defer_imports
+    defer_imports()
 elif sys.argv[1:] != ["keep"]:
     sys.exit("usage: import_memory.py defer|keep")
 
