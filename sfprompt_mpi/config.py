@@ -11,11 +11,13 @@ in a ``__post_init__`` or in :func:`validate` and raises
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from .algorithms.registry import ALGOS
 from .errors import UserError
@@ -31,6 +33,28 @@ DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "flowers102",
             "caltech101", "food101")
 #: Names of the dtypes activations and gradients may travel in (comm.protocol maps them to torch dtypes).
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
+T = TypeVar("T")
+
+
+def per_configuration(section: str | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Memoise ``count(cfg, *args)`` in this process over ``cfg``'s settings (only its ``section``, where
+    the count reads nothing else), its resolved devices and ``args``.
+
+    Counting runs every op through meta kernels in Python, 0.1-0.5 s a pass; a process that prices
+    several algorithms or runs (``cost``, ``table``, runs sharing an interpreter, the tests) counts each
+    configuration once. Callers get a copy of the result."""
+    def wrap(count: Callable[..., T]) -> Callable[..., T]:
+        memo: dict[Any, T] = {}
+
+        @functools.wraps(count)
+        def once(cfg: Config, *args: Any) -> T:
+            settings = getattr(cfg, section) if section else (cfg.to_dict(), cfg.devices)
+            key = (repr(settings), args)
+            if key not in memo:
+                memo[key] = count(cfg, *args)
+            return copy.copy(memo[key])
+        return once
+    return wrap
 
 
 def clients_per_round(num_clients: int, fraction: float) -> int:

@@ -123,12 +123,11 @@ TABLE1 = {"fl-full": ("FL", 4.091), "sfl-full": ("SFL", 4.648), "sfprompt": ("SF
 def run_times(cfg: Config, shard: int, classes: int, devices, algos: Iterable[str]) -> dict[str, dict[str, float]]:
     """Per algorithm of ``algos``: the simulated round (seconds), its slowest client's compute and transfer,
     the server."""
-    from .estimate import backbone_flops, simulated_round
-    full_flops = backbone_flops(cfg, classes)  # the same for every algorithm
+    from .estimate import simulated_round
     out = {}
     for name in algos:
         c = dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, algo=name))
-        sim = simulated_round(c, classes, shard, devices, full_flops)
+        sim = simulated_round(c, classes, shard, devices)
         slowest = max(sim.clients.values(), key=lambda t: t.finish)
         out[name] = {"round_s": sim.seconds, "compute_s": slowest.compute, "transfer_s": slowest.down + slowest.up,
                      "server_s": slowest.server}
@@ -189,8 +188,7 @@ def estimate(cfg: Config, samples_per_client: int = 0, fedavg_epochs: int = 0,
     model, layout = acc.build_meta_model(cfg, classes)
     full = build_backbone(cfg.model, classes, meta=True)
     full_numel = sum(p.numel() for p in full.parameters())
-    full_flops = acc.count_full_flops(full)
-    f = acc.count_pass_flops(model, full_flops)
+    f = acc.run_pass_flops(cfg, classes)
 
     sfp_bytes = acc.client_round_bytes(shard, cfg, tokens=model.tokens, width=model.width, flat=layout.numel,
                                        need_grad=acc.needs_grad(model, layout))
@@ -227,28 +225,22 @@ def estimate(cfg: Config, samples_per_client: int = 0, fedavg_epochs: int = 0,
         "client_flops_per_sample": {"sfprompt": client_total / shard, "fedavg_full": fl_client / shard},
         "server_flops_per_sample": server / shard,
         "client_compute_percent": 100.0 * client_total / fl_client,
-        "algorithms": algorithm_costs(cfg, shard, classes, algos, full_flops=full_flops, counted={"sfprompt": f}),
+        "algorithms": algorithm_costs(cfg, shard, classes, algos),
     }
 
 
-def algorithm_costs(cfg: Config, shard: int, classes: int, algos: Iterable[str] | None = None, *,
-                    full_flops: tuple[int, int] | None = None,
-                    counted: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+def algorithm_costs(cfg: Config, shard: int, classes: int,
+                    algos: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
     """Per ``--algo`` of ``algos`` (default every one; same model, data and epochs as ``cfg``):
-    parameters exchanged, bytes per client per round, and client and server FLOPs per local sample.
-
-    ``full_flops`` (:func:`~sfprompt_mpi.estimate.backbone_flops`) and
-    ``counted`` (algorithm -> its PassFlops for this ``cfg``) spare counting again what the
-    caller counted already: the counts run every op through meta kernels, seconds per model."""
+    parameters exchanged, bytes per client per round, and client and server FLOPs per local sample."""
     from .config import ALGOS
     from . import estimate as acc
 
-    full_flops = full_flops or acc.backbone_flops(cfg, classes)
     rows = {}
     for name in ALGOS if algos is None else algos:
         c = dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, algo=name))
         model, layout = acc.build_meta_model(c, classes)
-        f = (counted or {}).get(name) or acc.count_pass_flops(model, full_flops)
+        f = acc.run_pass_flops(c, classes)
         b = acc.client_round_bytes(shard, c, tokens=model.tokens, width=model.width, flat=layout.numel,
                                    need_grad=acc.needs_grad(model, layout))
         rows[name] = {"exchanged_params": layout.numel,

@@ -22,14 +22,13 @@ from torch import nn
 
 from .algorithms import build_algorithm
 from .comm.protocol import HEADER_BYTES
-from .config import WIRE_DTYPES, Config, clients_per_round
+from .config import WIRE_DTYPES, Config, clients_per_round, per_configuration
 
 if TYPE_CHECKING:
     from .simclock import RoundTime
 
 WIRE_BYTES = {name: getattr(torch, name).itemsize for name in WIRE_DTYPES}
 FLOAT32_BYTES = 4  # parameter vectors always travel as float32
-
 
 def batch_sizes(n: int, batch_size: int) -> list[int]:
     """Sizes of the mini-batches over n samples."""
@@ -260,17 +259,18 @@ def describe_plan(cfg: Config, hosts: dict[int, list[int]], world_size: int, thr
     return "\n".join(lines)
 
 
+@per_configuration("model")
 def backbone_flops(cfg: Config, num_classes: int) -> tuple[int, int]:
     """:func:`count_full_flops` of the run's backbone on the meta device: the same for every algorithm."""
     from .model.vit import build_backbone
     return count_full_flops(build_backbone(cfg.model, num_classes, meta=True))
 
 
-def run_pass_flops(cfg: Config, num_classes: int, full_flops: tuple[int, int] | None = None) -> PassFlops:
-    """:class:`PassFlops` of the run ``cfg`` describes (counted on meta modules: shapes only);
-    ``full_flops``: :func:`backbone_flops`, where the caller has it already."""
+@per_configuration()
+def run_pass_flops(cfg: Config, num_classes: int) -> PassFlops:
+    """:class:`PassFlops` of the run ``cfg`` describes (counted on meta modules: shapes only)."""
     model, _ = build_meta_model(cfg, num_classes)
-    return count_pass_flops(model, full_flops or backbone_flops(cfg, num_classes))
+    return count_pass_flops(model, backbone_flops(cfg, num_classes))
 
 
 def _saved_bytes(run) -> int:
@@ -285,6 +285,7 @@ def _saved_bytes(run) -> int:
     return sum(seen.values())
 
 
+@per_configuration()
 def client_memory_bytes(cfg: Config, num_classes: int, batch: int) -> dict[str, int]:
     """What one client needs at mini-batch ``batch``: its part's float32 weights ('weights'), the
     trained parameters' gradients and optimiser state ('optimizer'), and the activations autograd keeps
@@ -311,16 +312,14 @@ def client_memory_bytes(cfg: Config, num_classes: int, batch: int) -> dict[str, 
             "activations": acts * batch // 2}
 
 
-def simulated_round(cfg: Config, num_classes: int, shard: int, devices,
-                    full_flops: tuple[int, int] | None = None) -> "RoundTime":
+def simulated_round(cfg: Config, num_classes: int, shard: int, devices) -> "RoundTime":
     """The simulated clock's round for ``cfg`` with every selected client holding ``shard`` samples:
     the plan each client would run (its body requests by the batch sizes, the wire's bytes), through
-    ``devices`` (a :class:`sfprompt_mpi.devices.Devices` with a profile per client); ``full_flops``
-    as for :func:`run_pass_flops`."""
+    ``devices`` (a :class:`sfprompt_mpi.devices.Devices` with a profile per client)."""
     from .simclock import SimClock
     model, layout = build_meta_model(cfg, num_classes)
     algo = build_algorithm(cfg)
-    f = count_pass_flops(model, full_flops or backbone_flops(cfg, num_classes))  # run_pass_flops on this model
+    f = run_pass_flops(cfg, num_classes)
     wire, grad = WIRE_BYTES[cfg.comm.wire_dtype], needs_grad(model, layout)
     batches = batch_sizes(algo.kept_count(shard), cfg.fed.batch_size) * cfg.fed.split_epochs if algo.split else []
     requests = [(i, b, HEADER_BYTES + b * model.tokens * model.width * wire, grad) for i, b in enumerate(batches)]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from sfprompt_mpi.config import ALGOS
+from sfprompt_mpi.config import ALGOS, parse_config, per_configuration
 from sfprompt_mpi.cost import main
 from sfprompt_mpi.errors import EXIT_USER_ERROR
 
@@ -146,3 +146,25 @@ def test_json_goes_to_stdout_for_dash_and_an_unwritable_path_is_one_line(tmp_pat
     assert main(["--json", str(blocker / "cost.json")]) == EXIT_USER_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: cannot write --json {blocker / 'cost.json'}:"), err
+
+
+def test_counts_are_memoised_per_configuration_and_each_caller_gets_its_own_copy():
+    calls: list[tuple[str, int]] = []
+
+    @per_configuration()
+    def whole(cfg, n):
+        calls.append(("whole", n))
+        return {"n": n}
+
+    @per_configuration("model")
+    def model_only(cfg, n):
+        calls.append(("model", n))
+        return {"n": n}
+
+    base, same, other_lr = parse_config([]), parse_config([]), parse_config(["--lr", "0.5"])
+    first = whole(base, 1)
+    first["n"] = 99                                   # a caller changing its copy changes no later answer
+    assert whole(same, 1) == {"n": 1} and whole(base, 2) == {"n": 2} and whole(other_lr, 1) == {"n": 1}
+    assert model_only(base, 1) == model_only(other_lr, 1) == {"n": 1}   # the model alone is the key
+    assert model_only(parse_config(["--prompt-len", "3"]), 1) == {"n": 1}
+    assert calls == [("whole", 1), ("whole", 2), ("whole", 1), ("model", 1), ("model", 1)]

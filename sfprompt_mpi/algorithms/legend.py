@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..comm.protocol import HEADER_BYTES
+from ..config import per_configuration
 from ..errors import UserError
 from .base import ClientRound, timed
 from .lora import LORA_SETTINGS, LoRAModel
@@ -74,7 +75,7 @@ class Legend(LoRAModel):
     # -- what a configuration costs ----------------------------------------------------
     @cached_property
     def costs(self) -> "_Costs":
-        return _Costs(self, self._classes)
+        return legend_costs(self.cfg, self._classes)
 
     def client_ranks(self, rnd, cid):
         return self.plan[cid]
@@ -97,7 +98,7 @@ class Legend(LoRAModel):
         return {"train": self.cfg.fed.split_epochs * shard * self.costs.step_flops[len(self.plan[cid])]}
 
     def check_devices(self, devices, num_classes):
-        costs = _Costs(self, num_classes)
+        costs = legend_costs(self.cfg, num_classes)
         m = self.cfg.model
         low = {b: m.lora_min_rank for b in range(costs.depth - min(m.legend_min_depth, costs.depth), costs.depth)}
         need = costs.memory(low)
@@ -111,11 +112,11 @@ class Legend(LoRAModel):
 class _Costs:
     """Per-configuration FLOPs, bytes and memory of a LEGEND client, counted once on the meta model."""
 
-    def __init__(self, algo: Legend, num_classes: int) -> None:
+    def __init__(self, cfg, num_classes: int) -> None:
         from ..estimate import _saved_bytes
         from ..model.lora import block_of
         from ..model.split import freeze_except
-        cfg = algo.cfg
+        algo = Legend(cfg)
         model = algo.build_model(num_classes, meta=True)
         names = algo.trained_names(model)
         freeze_except(model, set(names))
@@ -152,6 +153,10 @@ class _Costs:
         classifier, the activations a batch keeps at this depth."""
         trained = self.fixed + sum(self.block_params[b] for b in ranks)
         return self.weights + 4 * self.per_param * trained + self.saved[len(ranks)] * self.batch
+
+
+#: The :class:`_Costs` of a configuration, counted once per process (the memory check and the plan share them).
+legend_costs = per_configuration()(_Costs)
 
 
 def _step_flops(forward, images_BCHW, labels_B) -> int:

@@ -27,7 +27,8 @@ vector and the trained vectors sit in shared memory, so a round moves no
 bytes through pipes but a few control words. Rank 0's work (average,
 evaluate) stays in the parent. The report holds each round's wall time and
 the final global parameters (beside it, as ``.safetensors``), which the
-``limit`` suite compares with the run's checkpoint.
+``limit`` suite compares with the run's checkpoint. The loop and its workers import as a run's
+ranks do (``sfprompt_mpi.lean``), so both sides call the same library code.
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ def _blocks(cids: list[int], procs: int) -> list[list[int]]:
 
 def _worker(argv: list[str], mine: list[int], global_F, updates_KF, conn) -> None:
     """A worker process: train ``mine`` of each round's selected clients into shared ``updates_KF``."""
+    from ..lean import defer_imports
+    defer_imports()
     loop = PlainLoop(argv)
     conn.send("ready")
     while True:
@@ -219,6 +222,9 @@ def plain_main(argv: list[str]) -> int:
         print("usage: python -m sfprompt_mpi.bench _plain --procs P --report FILE -- RUN_FLAGS...", file=sys.stderr)
         return 2
     from safetensors.torch import save_file
+
+    from ..lean import defer_imports
+    defer_imports()
     report, path = run_plain(argv[5:], int(argv[1])), Path(argv[3])
     save_file(report.pop("final"), str(path.with_suffix(".safetensors")))
     path.write_text(json.dumps(report) + "\n")
