@@ -21,10 +21,10 @@ if TYPE_CHECKING:
     from .config import Config
 
 #: Memory one rank needs at least with a small model: a client rank of the
-#: offline default peaks at 0.38 GB of private memory (Private_Dirty, measured
-#: on CPU, torch 2.14, with torch._dynamo deferred: lean.py; 0.42 GB with it);
-#: 51 such ranks used 19.6 GB. See README, "Many ranks on one node".
-RANK_MEMORY_FLOOR_GB = 0.38
+#: offline default peaks at 0.35 GB of private memory (Private_Dirty, measured
+#: on CPU, torch 2.14, with torch._dynamo and sympy deferred: lean.py; 0.42 GB
+#: with both); 51 such ranks used 17.9 GB. See README, "Many ranks on one node".
+RANK_MEMORY_FLOOR_GB = 0.35
 
 _MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
 
