@@ -1,10 +1,8 @@
-"""Assembling one run on one rank: checks, data, model, transport, roles.
+"""Assembling one run on one rank: checks, data, model, transport, roles (after ``start.run_job``).
 
-Every setup stage is *agreed*: each rank runs it, the ranks exchange their
-errors, and if any rank failed every rank raises the same UserError, so a bad
-config, a missing dataset or a corrupt checkpoint ends the job with one line
-and exit code 2 everywhere instead of a hang. Nothing is written to the run
-directory until every check has passed.
+Every setup stage is agreed (``start.agree``): if any rank fails a check, every rank raises the
+same UserError, so the job ends with one line and exit code 2 everywhere instead of a hang.
+Nothing is written to the run directory until every check has passed.
 """
 
 from __future__ import annotations
@@ -44,29 +42,10 @@ from .model.split import apply_client_cut, freeze_except
 from .model.vit import build_backbone
 from .model.weights import check_pretrained_available
 from .node import wait_policy
-from .stopping import Stopper, run_deadline
-from .world import World, client_hosts, set_threads, setup_logging
+from .stopping import Stopper
+from .world import World, agree, client_hosts, rank0_decides, set_threads, setup_logging
 
 log = logging.getLogger("sfprompt_mpi")
-
-def _agree(world: World, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on every rank; if it raised UserError anywhere, raise it everywhere."""
-    result, error = None, None
-    try:
-        result = fn()
-    except UserError as exc:
-        error = str(exc)
-    if world.comm is not None and world.size > 1:
-        errors = world.comm.allgather(error)
-        error = next((e for e in errors if e is not None), None)
-    if error is not None:
-        raise UserError(error)
-    return result
-
-
-def _bcast(world: World, value: Any) -> Any:
-    return value if world.comm is None or world.size == 1 else world.comm.bcast(value, root=0)
-
 
 def num_clients(cfg: Config, world: World) -> int:
     # a run that started its own ranks keeps the one-process default (launch.py)
@@ -172,32 +151,12 @@ def device_profiles(cfg: Config, n: int, classes: int) -> dict[str, Any] | None:
     return devices.record()
 
 
-def run_job(cfg: Config, world: World, started: float | None = None, clock: Clock | None = None,
-            stopper: Stopper | None = None, note: str = "") -> int:
-    """Run (or dry-run) the configured job on this rank; -> exit code (0, or EXIT_CONTINUE after a stop).
-
-    ``started``: time.monotonic() when the process began, for the setup-time log line;
-    ``clock``: where the transport's time goes, when given (the benchmarks); ``stopper``: this
-    process's stop requests (installed by the caller), else one installed here; ``note``: how the
-    command chose to run (one process, or ranks it started itself), logged by rank 0."""
-    started = time.monotonic() if started is None else started
-    threading.current_thread().name = f"r{world.rank:02d}"
-    setup_logging(cfg, world.rank, None)
-    own = stopper is None
-    stopper = stopper or Stopper(world.rank).install()
-    stopper.attach(None if world.single else world.comm.Dup(),
-                   run_deadline(cfg.run.time_budget, started) if world.rank == 0 else None)
-    try:
-        return _run_job(cfg, world, started, clock, stopper, note)
-    finally:
-        if own:
-            stopper.close()
-
-
-def _run_job(cfg: Config, world: World, started: float, clock: Clock | None, stopper: Stopper, note: str) -> int:
+def run_rank(cfg: Config, world: World, started: float, clock: Clock | None, stopper: Stopper, note: str) -> int:
+    """:func:`sfprompt_mpi.start.run_job` on, once the rank is started: the agreed checks, the dry run's plan
+    (rank 0), then data, model and the run."""
     if world.rank == 0:
         _warn_ignored(cfg)
-    info = _bcast(world, _agree(world, lambda: _rank0_checks(cfg, world) if world.rank == 0 else None))
+    info = rank0_decides(world, lambda: _rank0_checks(cfg, world) if world.rank == 0 else None)
     n = info["clients"]
     if info["devices"] is not None:
         cfg = dataclasses.replace(cfg, devices=info["devices"])
@@ -214,12 +173,12 @@ def _run_job(cfg: Config, world: World, started: float, clock: Clock | None, sto
         log.info("run %s already completed %d of %d rounds; nothing to do", run_dir, start - 1, cfg.fed.rounds)
         return 0
 
-    data: FedData = _agree(world, lambda: build_data(cfg.data, _image_size(cfg), cfg.run.seed))
+    data: FedData = agree(world, lambda: build_data(cfg.data, _image_size(cfg), cfg.run.seed))
     algo = build_algorithm(cfg)
-    model = _agree(world, lambda: algo.build_model(data.num_classes, quiet=world.rank != 0))
+    model = agree(world, lambda: algo.build_model(data.num_classes, quiet=world.rank != 0))
     layout = Layout(model, algo.trained_names(model))
     freeze_except(model, set(layout.names))
-    global_state = _agree(world, lambda: _load_global(cfg, layout, model) if world.rank == 0 and resume_round else None)
+    global_state = agree(world, lambda: _load_global(cfg, layout, model) if world.rank == 0 and resume_round else None)
 
     if world.rank == 0:
         (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
@@ -421,7 +380,7 @@ def _run_mpi(cfg, world, model, layout, data, hosts, run_dir, global_state, star
     """This rank's part of the MPI run; -> on every rank, where and why the run stopped early, or None."""
     from .comm import build_transport
     device = _server_device(cfg) if world.rank == 0 else torch.device("cpu")
-    raw = _agree(world, lambda: build_transport(cfg.comm.transport, world.comm, device, world.node))
+    raw = agree(world, lambda: build_transport(cfg.comm.transport, world.comm, device, world.node))
     transport = _wrap(cfg, raw, clock)
     try:
         if world.rank == 0:

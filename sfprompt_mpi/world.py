@@ -2,7 +2,7 @@
 
 Imports neither torch nor mpi4py at module level, so the launcher can ask
 before the heavy imports. ``run.py`` builds the :class:`World` once and hands
-it to ``runtime.py``; both read the rest from here.
+it to ``start.py`` and ``runtime.py``; they read the rest from here.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import UserError
 from .node import NodeLayout, node_layout, single_process_layout
@@ -54,6 +55,41 @@ def detect_world() -> World:
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     return World(comm, comm.Get_rank(), comm.Get_size(), node_layout(comm))
+
+
+def agree(world: World, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on every rank; if it raised UserError anywhere, raise it everywhere."""
+    result, error = None, None
+    try:
+        result = fn()
+    except UserError as exc:
+        error = str(exc)
+    if world.comm is not None and world.size > 1:
+        wait_for_all(world)
+        errors = world.comm.allgather(error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def wait_for_all(world: World) -> None:
+    """A barrier that waits as the transport does (spins ``world.node.spin_s``, then naps): MPI's own
+    collectives spin a core, so ranks waiting for rank 0's checks, or for the slowest rank's imports,
+    would take CPU from it wherever the node has more ranks than CPUs."""
+    request = world.comm.Ibarrier()
+    start = time.monotonic()
+    nap = 1e-4
+    while not request.Test():
+        if time.monotonic() - start > world.node.spin_s:
+            time.sleep(nap)
+            nap = min(2 * nap, 0.01)
+
+
+def rank0_decides(world: World, fn: Callable[[], Any]) -> Any:
+    """:func:`agree` on ``fn`` (which only rank 0 makes return something), then rank 0's answer on every rank."""
+    value = agree(world, fn)
+    return value if world.comm is None or world.size == 1 else world.comm.bcast(value, root=0)
 
 
 def node_memory_check(world: World) -> None:

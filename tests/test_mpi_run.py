@@ -200,6 +200,35 @@ def test_user_error_prints_one_line_once_and_exits_2(tmp_path, ranks, flags, nee
     assert not run_dir.exists()
 
 
+DRY_RUN_SCRIPT = """
+import sys
+from sfprompt_mpi.run import main
+code = main(sys.argv[1:])
+from mpi4py import MPI
+print(f"RANK {MPI.COMM_WORLD.Get_rank()} imported torch: {'torch' in sys.modules}", flush=True)
+sys.exit(code)
+"""
+
+
+def test_a_dry_runs_other_ranks_import_no_torch_and_end_with_rank_0s_checks(tmp_path):
+    script = tmp_path / "dry_run.py"
+    script.write_text(DRY_RUN_SCRIPT)
+
+    valid = helpers.launch([*COMMON, "--dry-run"], ranks=3, script=[str(script)])
+    refused = helpers.launch([*COMMON, "--dry-run", "--clients", "1"], ranks=3, script=[str(script)])
+
+    assert valid.returncode == 0 and "dry run: config and world size are valid" in valid.output, valid.report()
+    # (the ranks' lines may interleave within a line of the joined output: matched, not split)
+    ranks = sorted(re.findall(r"RANK \d imported torch: (?:True|False)", valid.output))
+    assert ranks == ["RANK 0 imported torch: True", "RANK 1 imported torch: False",
+                     "RANK 2 imported torch: False"], valid.report()
+    # rank 0's check fails: every rank ends with 2, one line, as in a run
+    assert refused.returncode == 2, refused.report()
+    assert refused.output.count("error: ") == 1 and "error: --clients 1 is smaller" in refused.output, refused.report()
+    assert len(re.findall(r"RANK \d imported", refused.output)) == 3 and "Traceback" not in refused.output, \
+        refused.report()
+
+
 def test_too_many_ranks_for_the_node_memory_fail_fast_with_one_line(tmp_path):
     run_dir = tmp_path / "never"
 
