@@ -98,6 +98,17 @@ def test_a_submodule_import_loads_the_real_package_once_and_compile_still_works(
     assert out == ["True", "False", "True", "True", "6.0"]
 
 
+def test_cost_defers_dynamo_and_loads_the_real_shapes_its_meta_kernels_need():
+    out = _python("""
+        import sys
+        from sfprompt_mpi.cost import main
+        assert main(["--algos", "sfprompt", "--json", "-"]) == 0
+        from sfprompt_mpi.lean import SHAPES, deferred, dynamo_deferred
+        print("RESULT", dynamo_deferred(), deferred(SHAPES))
+    """)
+    assert out == ["True", "False"]
+
+
 @pytest.mark.slow
 def test_a_run_never_loads_dynamo_nor_sympy_and_ends_bitwise_where_a_run_that_loaded_them_ends(tmp_path):
     code = """
