@@ -2,20 +2,51 @@
 
 Imports neither torch nor mpi4py, so the launcher can ask before the heavy
 imports. Start-up computes the layout once (:func:`node_layout`); the memory
-check, the thread count and the transport's way of waiting all read it.
+check, the thread count and the transport's way of waiting all read it, and
+:func:`poll_until` is that way of waiting (the transport's, and the agreed setup stages').
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 #: How long a waiting rank spins before it naps (the transport's wait policy,
 #: explained in ``comm/mpi.py``): briefly when ranks outnumber CPUs, longer
 #: when each rank has a CPU of its own.
 SPIN_S = 1e-3
 DEDICATED_SPIN_S = 0.2
+#: A nap's first and longest step.
+_NAP_FIRST_S = 2e-5
+_NAP_MAX_S = 1e-3
+
+T = TypeVar("T")
+
+
+def poll_until(test: Callable[[], T | None], deadline: float, spin_s: float = SPIN_S) -> T | None:
+    """Call ``test`` until it returns something other than None or ``deadline``
+    (``time.monotonic``) passes; None on timeout. Spins for ``spin_s``, then naps."""
+    start = time.monotonic()
+    nap = _NAP_FIRST_S
+    while True:
+        found = test()
+        if found is not None:
+            return found
+        now = time.monotonic()
+        if now >= deadline:
+            return None
+        if now - start < spin_s:
+            os.sched_yield()
+        else:
+            time.sleep(min(nap, deadline - now))
+            nap = min(2 * nap, _NAP_MAX_S)
+
+
+def true_or_none(flag: bool) -> bool | None:
+    """``flag`` in the form :func:`poll_until` waits on."""
+    return True if flag else None
 
 
 def my_cpus() -> set[int]:

@@ -1,6 +1,6 @@
 """Assembling one run on one rank: checks, data, model, transport, roles (after ``start.run_job``).
 
-Every setup stage is agreed (``start.agree``): if any rank fails a check, every rank raises the
+Every setup stage is agreed (``world.agree``): if any rank fails a check, every rank raises the
 same UserError, so the job ends with one line and exit code 2 everywhere instead of a hang.
 Nothing is written to the run directory until every check has passed.
 """

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import UserError
-from .node import NodeLayout, node_layout, single_process_layout
+from .node import NodeLayout, node_layout, poll_until, single_process_layout, true_or_none
 
 if TYPE_CHECKING:
     from .config import Config
@@ -74,16 +74,11 @@ def agree(world: World, fn: Callable[[], Any]) -> Any:
 
 
 def wait_for_all(world: World) -> None:
-    """A barrier that waits as the transport does (spins ``world.node.spin_s``, then naps): MPI's own
+    """A barrier that waits as the transport does (:func:`~sfprompt_mpi.node.poll_until`): MPI's own
     collectives spin a core, so ranks waiting for rank 0's checks, or for the slowest rank's imports,
     would take CPU from it wherever the node has more ranks than CPUs."""
     request = world.comm.Ibarrier()
-    start = time.monotonic()
-    nap = 1e-4
-    while not request.Test():
-        if time.monotonic() - start > world.node.spin_s:
-            time.sleep(nap)
-            nap = min(2 * nap, 0.01)
+    poll_until(lambda: true_or_none(request.Test()), math.inf, world.node.spin_s)
 
 
 def rank0_decides(world: World, fn: Callable[[], Any]) -> Any:

@@ -27,13 +27,13 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
-from ..node import SPIN_S, NodeLayout, node_layout
+from ..node import NodeLayout, node_layout, poll_until, true_or_none
 from .protocol import (ANY_SOURCE, HEADER_LEN, Header, Kind, Message, PayloadTimeout, ProtocolError, check_arrived,
                        outgoing, pack_header, unpack_words)
 
@@ -55,7 +55,8 @@ CLOSE_TIMEOUT_S = 60.0
 #   save: when both ends of an exchange nap, each reply waits for the other's
 #   nap, and a ping-pong can lock into ~1.3 ms round trips instead of 0.2 ms
 #   (measured, 1 MB on 2 cores). So the wait spins for DEDICATED_SPIN_S first.
-# (SPIN_S and DEDICATED_SPIN_S live in node.py, where the start-up log reads them too.)
+# (SPIN_S, DEDICATED_SPIN_S and poll_until live in node.py, where the start-up log and the
+# agreed setup stages use them too.)
 # A payload whose header has arrived is already on its way and needs our calls
 # into MPI to progress, so its wait spins longer before it naps.
 _PAYLOAD_SPIN_S = 5e-2
@@ -66,34 +67,6 @@ _PAYLOAD_SPIN_S = 5e-2
 # payload takes to move at _SPIN_RATE bytes/s, within [SPIN_S, _PAYLOAD_SPIN_S].
 # Small payloads, the many-ranks-per-core case, keep the 1 ms spin.
 _SPIN_RATE = 1e9
-_NAP_FIRST_S = 2e-5
-_NAP_MAX_S = 1e-3
-
-T = TypeVar("T")
-
-
-def poll_until(test: Callable[[], T | None], deadline: float, spin_s: float = SPIN_S) -> T | None:
-    """Call ``test`` until it returns something other than None or ``deadline``
-    (``time.monotonic``) passes; None on timeout. Spins for ``spin_s``, then naps."""
-    start = time.monotonic()
-    nap = _NAP_FIRST_S
-    while True:
-        found = test()
-        if found is not None:
-            return found
-        now = time.monotonic()
-        if now >= deadline:
-            return None
-        if now - start < spin_s:
-            os.sched_yield()
-        else:
-            time.sleep(min(nap, deadline - now))
-            nap = min(2 * nap, _NAP_MAX_S)
-
-
-def true_or_none(flag: bool) -> bool | None:
-    """``flag`` in the form :func:`poll_until` waits on."""
-    return True if flag else None
 
 
 _cuda_aware: bool | None = None

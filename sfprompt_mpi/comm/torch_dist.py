@@ -33,7 +33,8 @@ from mpi4py import MPI
 
 from ..errors import UserError
 from ..node import NodeLayout
-from .mpi import MPITransport, as_bytes, PendingSend, true_or_none, poll_until
+from ..node import poll_until, true_or_none
+from .mpi import MPITransport, as_bytes, PendingSend
 from .protocol import Header
 
 STORE_TIMEOUT = datetime.timedelta(seconds=120)
