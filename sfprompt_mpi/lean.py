@@ -41,6 +41,10 @@ NAME = "torch._dynamo"
 _UTILS = NAME + ".utils"
 SHAPES = "torch.fx.experimental.symbolic_shapes"
 _stand_ins: dict[str, "_Deferred"] = {}
+#: What loaded each deferred module that has been loaded for real: the attribute first asked of its
+#: stand-in (``"torch.fx.experimental.symbolic_shapes.ShapeEnv"``), or "load" for an explicit :func:`load`.
+#: Where a torch release asks a stand-in for more in a plain run, this names what it asked.
+LOADED_BY: dict[str, str] = {}
 
 
 def defer_imports() -> bool:
@@ -103,6 +107,7 @@ def load(name: str) -> types.ModuleType:
     """The real module ``name`` (a deferred one: ``torch._dynamo`` with its submodules, or the
     symbolic shapes), imported now if its stand-in is still in its place."""
     if deferred(name):
+        LOADED_BY.setdefault(name, "load")
         for key, module in list(_stand_ins.items()):
             if (key == name or key.startswith(name + ".")) and sys.modules.get(key) is module:
                 del sys.modules[key]
@@ -127,6 +132,7 @@ class _Deferred(types.ModuleType):
         if name.startswith("__") and not package:
             raise AttributeError(name)
         top = NAME if self.__name__.startswith(NAME) else self.__name__
+        LOADED_BY.setdefault(top, f"{self.__name__}.{name}")
         load(top)
         if package:
             # The import system asks for the parent's __path__ to import a submodule: the real package
