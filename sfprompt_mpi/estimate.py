@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Iterable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +145,6 @@ class _Meter:
         self.counts: dict[str, int] = {}
 
     def __call__(self, name: str):
-        from contextlib import contextmanager
         from torch.utils.flop_counter import FlopCounterMode
 
         @contextmanager
@@ -153,6 +153,37 @@ class _Meter:
                 yield
             self.counts[name] = self.counts.get(name, 0) + counter.get_total_flops()
         return scope()
+
+
+#: Models whose forward costs at most this many FLOPs per sample (estimated as 2 x parameters x patches)
+#: are counted on CPU tensors rather than on the meta device (see :func:`counting`).
+CPU_COUNT_MAX_FLOPS = 2e7
+
+
+@contextmanager
+def counting(model: nn.Module) -> Iterator[torch.device]:
+    """Inside: ``model`` (built on the meta device) is ready for counting FLOPs and saved bytes, on the
+    device this yields, where inputs must be made.
+
+    A small model is materialised on the CPU with zero weights, in place: C++ kernels take microseconds
+    where the meta device's kernels, written in Python, take about a millisecond an op, so its counts
+    take a third of the time and equal the meta device's (``tests/test_cost.py``). Larger models stay
+    on the meta device, whose cost does not grow with their size. Attention runs as SDPA's math
+    backend on both, the ``bmm`` s the meta device runs anyway, and the global RNG is left as it was.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device = next(model.parameters()).device
+    vit = getattr(model, "vit", model)
+    params = sum(p.numel() for p in model.parameters())
+    if device.type == "meta" and 2 * params * vit.patch_embed.num_patches <= CPU_COUNT_MAX_FLOPS:
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for t in (*model.parameters(), *model.buffers()):
+                t.zero_()
+        device = torch.device("cpu")
+    with torch.random.fork_rng(devices=[]), sdpa_kernel(SDPBackend.MATH):
+        yield device
 
 
 def count_full_flops(full: nn.Module, *, batch: int = 2) -> tuple[int, int]:
@@ -263,14 +294,18 @@ def describe_plan(cfg: Config, hosts: dict[int, list[int]], world_size: int, thr
 def backbone_flops(cfg: Config, num_classes: int) -> tuple[int, int]:
     """:func:`count_full_flops` of the run's backbone on the meta device: the same for every algorithm."""
     from .model.vit import build_backbone
-    return count_full_flops(build_backbone(cfg.model, num_classes, meta=True))
+    full = build_backbone(cfg.model, num_classes, meta=True)
+    with counting(full):
+        return count_full_flops(full)
 
 
 @per_configuration()
 def run_pass_flops(cfg: Config, num_classes: int) -> PassFlops:
     """:class:`PassFlops` of the run ``cfg`` describes (counted on meta modules: shapes only)."""
+    full_flops = backbone_flops(cfg, num_classes)
     model, _ = build_meta_model(cfg, num_classes)
-    return count_pass_flops(model, backbone_flops(cfg, num_classes))
+    with counting(model):
+        return count_pass_flops(model, full_flops)
 
 
 def _saved_bytes(run) -> int:
@@ -297,16 +332,17 @@ def client_memory_bytes(cfg: Config, num_classes: int, batch: int) -> dict[str, 
     held = model.names_in("head", "tail") if algo.split else list(params)
     per_param = 1 + (2 if cfg.fed.optimizer == "adam" else int(cfg.fed.momentum > 0))
     size = model.vit.patch_embed.img_size
-    images_BCHW = torch.zeros(2, 3, *size, device="meta")
-    if algo.split:
-        grad = needs_grad(model, layout)  # the tail's input needs a gradient only when the head trains
+    with counting(model) as device:
+        images_BCHW = torch.zeros(2, 3, *size, device=device)
+        if algo.split:
+            grad = needs_grad(model, layout)  # the tail's input needs a gradient only when the head trains
 
-        def split_step() -> None:
-            model.head(images_BCHW)
-            model.tail(torch.zeros(2, model.tokens, model.width, device="meta", requires_grad=grad))
-        acts = max(_saved_bytes(split_step), _saved_bytes(lambda: model.local_forward(images_BCHW)))
-    else:
-        acts = _saved_bytes(lambda: model(images_BCHW))
+            def split_step() -> None:
+                model.head(images_BCHW)
+                model.tail(torch.zeros(2, model.tokens, model.width, device=device, requires_grad=grad))
+            acts = max(_saved_bytes(split_step), _saved_bytes(lambda: model.local_forward(images_BCHW)))
+        else:
+            acts = _saved_bytes(lambda: model(images_BCHW))
     return {"weights": FLOAT32_BYTES * sum(params[n].numel() for n in held),
             "optimizer": FLOAT32_BYTES * per_param * layout.numel,
             "activations": acts * batch // 2}

@@ -168,3 +168,37 @@ def test_counts_are_memoised_per_configuration_and_each_caller_gets_its_own_copy
     assert model_only(base, 1) == model_only(other_lr, 1) == {"n": 1}   # the model alone is the key
     assert model_only(parse_config(["--prompt-len", "3"]), 1) == {"n": 1}
     assert calls == [("whole", 1), ("whole", 2), ("whole", 1), ("model", 1), ("model", 1)]
+
+
+@pytest.mark.slow
+def test_small_models_are_counted_on_cpu_tensors_with_the_meta_devices_results(monkeypatch):
+    import torch
+
+    from sfprompt_mpi import estimate
+    from sfprompt_mpi.model.vit import build_backbone
+
+    def counts(cfg) -> tuple:
+        # the functions under the per-configuration memo, so each call counts afresh
+        return (estimate.backbone_flops.__wrapped__(cfg, 10), estimate.run_pass_flops.__wrapped__(cfg, 10),
+                estimate.client_memory_bytes.__wrapped__(cfg, 10, 16))
+
+    # a split algorithm whose head trains, FedAvg full and adapters (all twelve were compared once:
+    # docs/benchmarks.md, "The suite's time"; the meta device costs about 1.5 s an algorithm)
+    for algo in ("sfprompt", "fl-full", "fedpeft-adapter"):
+        cfg = parse_config(["--algo", algo, "--clients", "4"])
+        torch.manual_seed(3)
+        on_cpu = counts(cfg)
+        rng_after_cpu = torch.random.get_rng_state()
+        monkeypatch.setattr(estimate, "CPU_COUNT_MAX_FLOPS", 0)  # everything on the meta device, as before
+        on_meta = counts(cfg)
+        monkeypatch.undo()
+        assert on_cpu == on_meta, algo
+        torch.manual_seed(3)
+        assert torch.equal(rng_after_cpu, torch.random.get_rng_state()), f"{algo}: counting drew random numbers"
+
+    small = build_backbone(parse_config([]).model, 10, meta=True)
+    with estimate.counting(small) as device:
+        assert device.type == "cpu" and next(small.parameters()).device.type == "cpu"
+    big = build_backbone(parse_config(VITB).model, 10, meta=True)
+    with estimate.counting(big) as device:
+        assert device.type == "meta" and next(big.parameters()).device.type == "meta"
