@@ -3,7 +3,8 @@
 Bytes mirror the wire exactly (every message is a header of ``HEADER_BYTES``
 plus its payload), so for a finished run the estimate equals what the
 transports counted. FLOPs are counted by ``torch.utils.flop_counter`` on the
-real head, body and tail modules built on the meta device (shapes only), so
+real head, body and tail modules built on the meta device (shapes only; a small
+model is counted on zero-weight CPU tensors instead, see :func:`counting`), so
 they follow any timm VisionTransformer and any cut; like every FLOP counter
 it counts matrix products, convolutions and attention (2 FLOPs per
 multiply-add) and ignores element-wise work (norms, softmax, GELU). Shape legend: B batch,
@@ -169,7 +170,7 @@ def counting(model: nn.Module) -> Iterator[torch.device]:
     where the meta device's kernels, written in Python, take about a millisecond an op, so its counts
     take a third of the time and equal the meta device's (``tests/test_cost.py``). Larger models stay
     on the meta device, whose cost does not grow with their size. Attention runs as SDPA's math
-    backend on both, the ``bmm`` s the meta device runs anyway, and the global RNG is left as it was.
+    backend on both (the ``bmm`` calls the meta device runs anyway), and the global RNG is left as it was.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -292,7 +293,8 @@ def describe_plan(cfg: Config, hosts: dict[int, list[int]], world_size: int, thr
 
 @per_configuration("model")
 def backbone_flops(cfg: Config, num_classes: int) -> tuple[int, int]:
-    """:func:`count_full_flops` of the run's backbone on the meta device: the same for every algorithm."""
+    """:func:`count_full_flops` of the run's backbone (built on the meta device, counted where :func:`counting`
+    says): the same for every algorithm."""
     from .model.vit import build_backbone
     full = build_backbone(cfg.model, num_classes, meta=True)
     with counting(full):
@@ -301,7 +303,7 @@ def backbone_flops(cfg: Config, num_classes: int) -> tuple[int, int]:
 
 @per_configuration()
 def run_pass_flops(cfg: Config, num_classes: int) -> PassFlops:
-    """:class:`PassFlops` of the run ``cfg`` describes (counted on meta modules: shapes only)."""
+    """:class:`PassFlops` of the run ``cfg`` describes (its modules counted where :func:`counting` says)."""
     full_flops = backbone_flops(cfg, num_classes)
     model, _ = build_meta_model(cfg, num_classes)
     with counting(model):
