@@ -196,6 +196,13 @@ def test_small_models_are_counted_on_cpu_tensors_with_the_meta_devices_results(m
         torch.manual_seed(3)
         assert torch.equal(rng_after_cpu, torch.random.get_rng_state()), f"{algo}: counting drew random numbers"
 
+    from sfprompt_mpi.algorithms.legend import _Costs  # LEGEND's per-depth FLOPs and memory go the same way
+    legend = parse_config(["--algo", "legend", "--clients", "4"])
+    on_cpu = vars(_Costs(legend, 10))
+    monkeypatch.setattr(estimate, "CPU_COUNT_MAX_FLOPS", 0)
+    assert vars(_Costs(legend, 10)) == on_cpu
+    monkeypatch.undo()
+
     small = build_backbone(parse_config([]).model, 10, meta=True)
     with estimate.counting(small) as device:
         assert device.type == "cpu" and next(small.parameters()).device.type == "cpu"

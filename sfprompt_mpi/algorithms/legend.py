@@ -110,10 +110,11 @@ class Legend(LoRAModel):
 
 
 class _Costs:
-    """Per-configuration FLOPs, bytes and memory of a LEGEND client, counted once on the meta model."""
+    """Per-configuration FLOPs, bytes and memory of a LEGEND client, counted once on its model (built on the
+    meta device, counted where :func:`sfprompt_mpi.estimate.counting` says)."""
 
     def __init__(self, cfg, num_classes: int) -> None:
-        from ..estimate import _saved_bytes
+        from ..estimate import _saved_bytes, counting
         from ..model.lora import block_of
         from ..model.split import freeze_except
         algo = Legend(cfg)
@@ -136,13 +137,14 @@ class _Costs:
                 self.unit[b] += size // rank
                 self.block_params[b] += size
         size = model.vit.patch_embed.img_size
-        images_BCHW = torch.zeros(2, 3, *size, device="meta")
-        labels_B = torch.zeros(2, dtype=torch.long, device="meta")
         self.step_flops, self.saved = [0] * (self.depth + 1), [0] * (self.depth + 1)
-        for d in range(1, self.depth + 1):
-            forward = depth_forward(model, self.depth - d)
-            self.saved[d] = _saved_bytes(lambda: forward(images_BCHW)) // 2
-            self.step_flops[d] = _step_flops(forward, images_BCHW, labels_B) // 2
+        with counting(model) as device:
+            images_BCHW = torch.zeros(2, 3, *size, device=device)
+            labels_B = torch.zeros(2, dtype=torch.long, device=device)
+            for d in range(1, self.depth + 1):
+                forward = depth_forward(model, self.depth - d)
+                self.saved[d] = _saved_bytes(lambda: forward(images_BCHW)) // 2
+                self.step_flops[d] = _step_flops(forward, images_BCHW, labels_B) // 2
 
     def held(self, ranks: dict[int, int]) -> int:
         """Values a client with ``ranks`` holds (receives and sends)."""
