@@ -310,7 +310,9 @@ MinJobAge=3600
 # Job ids of their own: MPICH names its shared-memory segments after the PMI job, so two test
 # clusters on one host that both run a job 1 would collide in /dev/shm ("Out of memory" at MPI_Init).
 FirstJobId={random.randrange(10_000, 60_000_000)}
-KillWait=5
+# Slurm's default: a signalled step has 30 s before SIGKILL. The run finishes its round in progress after
+# SIGTERM, and a round takes up to 9 s on a slow stretch of the 2-core VM (5 s here once cut one short).
+KillWait=30
 MailProg=/bin/true
 SchedulerType=sched/backfill
 # Heterogeneous jobs are started only by the backfill pass: run it every second.
