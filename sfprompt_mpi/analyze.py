@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .cli import main_guard
+from .cli import end_process, main_guard
 from .errors import UserError
 from .metrics.h5 import read_attrs, read_events, read_metrics
 from .choices import choice_rows, format_choices
@@ -479,4 +478,4 @@ def _out_dir(runs: list[Run]) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())

@@ -12,6 +12,9 @@ the outcomes that are no bug into exit codes:
 
 Any other exception is a bug or a fault: in one process it keeps its
 traceback; under MPI it aborts the whole job with that rank's error.
+
+Each CLI's ``__main__`` then leaves through :func:`end_process`, which skips
+the interpreter's teardown (0.6-1 s of CPU in a process that imported torch).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from .errors import EXIT_RUN_STOPPED, EXIT_USER_ERROR, RunStopped, UserError
 
@@ -66,6 +69,34 @@ def abort_job(rank: int, exc: BaseException, comm: Any) -> int:
     sys.stderr.flush()
     comm.Abort(1)
     return 1
+
+
+def end_process(code: int) -> NoReturn:
+    """Leave the process with exit code ``code`` as ``sys.exit`` would, less the interpreter's teardown.
+
+    Tearing down a process that imported torch (its modules freed one by one, every object collected)
+    takes about 0.6 s of CPU, a fifth of the process's start and end, on every rank of every run. A
+    command's files are closed when its ``main`` returns, so this runs the exit handlers (logging,
+    h5py, multiprocessing), finalises MPI where it started, flushes the standard streams and ends with
+    ``os._exit``. While a thread other than the main one still runs, it exits the usual way instead,
+    which waits for that thread.
+    """
+    import atexit
+    import os
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach it
+            pass
+    os._exit(code)
 
 
 def _comm_world() -> Any:

@@ -29,11 +29,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 from typing import Any, Iterable
 
 from .config import Config, build_config, build_parser, clients_per_round, file_and_flags
-from .cli import main_guard
+from .cli import end_process, main_guard
 from .errors import UserError
 from .output import write_json
 
@@ -337,4 +336,4 @@ def _main(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())

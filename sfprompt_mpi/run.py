@@ -28,7 +28,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING, Any
 
-from .cli import Where, main_guard
+from .cli import Where, end_process, main_guard
 from .errors import EXIT_USER_ERROR, UserError
 from .launch import exec_ranks, plan_launch, self_launched, under_launcher
 from .stopping import Stopper
@@ -135,4 +135,4 @@ def main(argv: list[str] | None = None, started: float | None = None, clock: Any
 
 
 if __name__ == "__main__":
-    sys.exit(cli(started=_STARTED))
+    end_process(cli(started=_STARTED))

@@ -35,7 +35,7 @@ from typing import Any
 
 from .algorithms.registry import FIGURE2_ALGOS
 from .config import ALGOS
-from .cli import main_guard
+from .cli import end_process, main_guard
 from .errors import UserError
 from .output import write_json
 
@@ -204,4 +204,4 @@ def _client_counts(text: str | None, run_flags: list[str]) -> list[int] | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())

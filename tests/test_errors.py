@@ -1,10 +1,12 @@
-"""Mistakes a user can make end with exit code 2, one line, and an untouched run directory."""
+"""Mistakes a user can make end with exit code 2, one line, and an untouched run directory; every command
+leaves its process the same way (``cli.end_process``)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -225,3 +227,34 @@ def test_a_server_without_the_gpus_slurm_allocated_says_it_runs_on_the_cpu(tmp_p
     assert main(flags) == 0
     err = capsys.readouterr().err
     assert "the server's body runs on the CPU: no CUDA device is usable on rank 0 although Slurm allocated GPU(s) 0" in err
+
+
+_ENDING = """
+import atexit, sys, threading, time
+from sfprompt_mpi.cli import end_process
+
+class Teardown:
+    def __del__(self):
+        sys.stderr.write("torn down\\n")
+
+KEPT = Teardown()  # freed only by the interpreter's teardown
+atexit.register(lambda: sys.stderr.write("exit handler ran\\n"))
+if sys.argv[1] == "thread":
+    threading.Thread(target=lambda: (time.sleep(0.3), sys.stderr.write("thread ended\\n"))).start()
+sys.stdout.write("no newline, still buffered")
+end_process(7)
+"""
+
+
+@pytest.mark.parametrize("case", ["alone", "thread"])
+def test_end_process_keeps_the_exit_code_the_output_and_the_exit_handlers(case):
+    # Execute: a command's last step, with its stdout a pipe (block-buffered)
+    done = subprocess.run([sys.executable, "-c", _ENDING, case], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    # Assert: the code, the buffered output and the exit handlers survive; the teardown is skipped
+    # unless a thread still runs, whose end it then waits for
+    assert done.returncode == 7, done.stderr
+    assert done.stdout == "no newline, still buffered"
+    assert "exit handler ran" in done.stderr
+    assert ("torn down" in done.stderr) == (case == "thread"), done.stderr
+    assert ("thread ended" in done.stderr) == (case == "thread"), done.stderr

@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from ..cli import Where, main_guard
+from ..cli import Where, end_process, main_guard
 from ..errors import UserError
 
 SUITES = {
@@ -103,4 +103,4 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from sfprompt_mpi.config import ALGOS
+from sfprompt_mpi.cli import end_process
 from sfprompt_mpi.run import main
 
 
@@ -23,4 +24,4 @@ def run_all(base: str, flags: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_all(sys.argv[1], sys.argv[2:]))
+    end_process(run_all(sys.argv[1], sys.argv[2:]))  # as python -m sfprompt_mpi.run ends

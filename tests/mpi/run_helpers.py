@@ -165,4 +165,5 @@ def _run_without(round_client: str, argv: list[str]) -> int:
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] != "--without":
         sys.exit(__doc__)
-    sys.exit(_run_without(sys.argv[2], sys.argv[3:]))
+    from sfprompt_mpi.cli import end_process
+    end_process(_run_without(sys.argv[2], sys.argv[3:]))
