@@ -1,0 +1,51 @@
+"""CPU of a small run ending through ``cli.end_process`` against the same run ending with ``sys.exit``.
+
+    python docs/experiments/startup/exit_cost.py [REPEATS] [RANKS]
+
+Alternates the two endings REPEATS times (default 6) for ``python -m sfprompt_mpi.run`` with 2
+clients, 1 round and 64 training samples: in one process (``--reference``) when RANKS is 1 (the
+default), else under ``mpiexec -n RANKS``. Prints the median and the runs' CPU (user + sys of the
+command and every process it waited for).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+FLAGS = ["--clients", "2", "--rounds", "1", "--max-train-samples", "64", "--max-test-samples", "32", "--threads", "1"]
+ENDINGS = {"end_process": ["-m", "sfprompt_mpi.run"],
+           "sys.exit": ["-c", "import sys; from sfprompt_mpi.run import cli; sys.exit(cli())"]}
+
+
+def main() -> None:
+    repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 6
+    ranks = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    launcher = [] if ranks == 1 else [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks)]
+    flags = [*FLAGS, *(["--reference"] if ranks == 1 else [])]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cpu: dict[str, list[float]] = {k: [] for k in ENDINGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):
+            for name, entry in ENDINGS.items():
+                run_dir = Path(tmp) / "run"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                done = subprocess.run([*launcher, sys.executable, *entry, *flags, "--run-dir", str(run_dir)],
+                                      env=env, capture_output=True, text=True)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                if done.returncode != 0:
+                    sys.exit(f"{name}: exit code {done.returncode}\n{done.stderr[-3000:]}")
+                cpu[name].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    for name, values in cpu.items():
+        print(f"{name:12s} median {statistics.median(values):.2f} s CPU; runs: {' '.join(f'{v:.2f}' for v in values)}")
+
+
+if __name__ == "__main__":
+    main()
