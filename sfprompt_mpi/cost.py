@@ -319,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     cfg, args = parse_args(argv)
-    from .lean import defer_imports
-    defer_imports()  # as the ranks do, after the argument checks: 1-1.5 s less per call
+    from .lean import defer_imports, importing_for_good
+    with importing_for_good():
+        defer_imports()  # as the ranks do, after the argument checks: 1-1.5 s less per call
     result = estimate(cfg, args.samples_per_client, args.fedavg_epochs, args.algos)
     devices = link_devices(args, cfg, result["clients"])
     text = render(result)

@@ -43,9 +43,10 @@ def run_job(cfg: Config, world: World, started: float | None = None, clock: Cloc
         if cfg.run.dry_run and world.rank != 0:
             rank0_decides(world, lambda: None)  # as runtime.run_rank's first step: rank 0's checks end us too
             return 0
-        from .lean import defer_imports
-        defer_imports()  # 2 s of CPU and 0.1 GB less per rank (lean.py)
-        from .runtime import run_rank
+        from .lean import defer_imports, importing_for_good
+        with importing_for_good():
+            defer_imports()  # 2 s of CPU and 0.1 GB less per rank (lean.py)
+            from .runtime import run_rank
         return run_rank(cfg, world, started, clock, stopper, note)
     finally:
         if own:

@@ -135,3 +135,28 @@ def test_a_run_never_loads_dynamo_nor_sympy_and_ends_bitwise_where_a_run_that_lo
     assert deferred == {"lean": ["True", "True", "False"], "kept": ["False", "False", "True"]}
     lean, kept = (load_file(str(tmp_path / name / "checkpoint" / "global.safetensors")) for name in ("lean", "kept"))
     assert sorted(lean) == sorted(kept) and all(torch.equal(lean[k], kept[k]) for k in lean)
+
+
+FREEZING = """
+    import gc, sys
+    from sfprompt_mpi.lean import importing_for_good
+    if sys.argv[1] == "gc-off":
+        gc.disable()
+    paused = []
+    with importing_for_good():
+        paused.append(gc.isenabled())
+        import torch
+    first = gc.get_freeze_count()
+    with importing_for_good():  # torch is there now: nothing to pause, nothing more to freeze
+        paused.append(gc.isenabled())
+        import timm
+    print("RESULT", *paused, gc.isenabled(), first > 100_000, gc.get_freeze_count() <= first)  # frozen objects may die, none were added
+"""
+
+
+@pytest.mark.parametrize("gc_before", ["gc-on", "gc-off"])
+def test_a_processs_first_torch_import_runs_without_the_collector_and_is_frozen_after(gc_before):
+    on = gc_before == "gc-on"
+    # Execute + Assert: paused during the first import only, then as the process had it; torch's
+    # objects frozen once, and a second block (torch imported already) changes nothing
+    assert _python(FREEZING, gc_before) == ["False", str(on), str(on), "True", "True"]

@@ -221,10 +221,10 @@ def plain_main(argv: list[str]) -> int:
     if len(argv) < 5 or argv[0] != "--procs" or argv[2] != "--report" or argv[4] != "--":
         print("usage: python -m sfprompt_mpi.bench _plain --procs P --report FILE -- RUN_FLAGS...", file=sys.stderr)
         return 2
-    from safetensors.torch import save_file
-
-    from ..lean import defer_imports
-    defer_imports()
+    from ..lean import defer_imports, importing_for_good
+    with importing_for_good():  # as the run's ranks start
+        from safetensors.torch import save_file
+        defer_imports()
     report, path = run_plain(argv[5:], int(argv[1])), Path(argv[3])
     save_file(report.pop("final"), str(path.with_suffix(".safetensors")))
     path.write_text(json.dumps(report) + "\n")
