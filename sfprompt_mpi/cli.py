@@ -14,7 +14,8 @@ Any other exception is a bug or a fault: in one process it keeps its
 traceback; under MPI it aborts the whole job with that rank's error.
 
 Each CLI's ``__main__`` then leaves through :func:`end_process`, which skips
-the interpreter's teardown (0.6-1 s of CPU in a process that imported torch).
+the interpreter's teardown (0.6-1 s of CPU in a process that imported torch)
+where it is the only MPI rank.
 """
 
 from __future__ import annotations
@@ -75,21 +76,24 @@ def end_process(code: int) -> NoReturn:
     """Leave the process with exit code ``code`` as ``sys.exit`` would, less the interpreter's teardown.
 
     Tearing down a process that imported torch (its modules freed one by one, every object collected)
-    takes about 0.6 s of CPU, a fifth of the process's start and end, on every rank of every run. A
-    command's files are closed when its ``main`` returns, so this runs the exit handlers (logging,
-    h5py, multiprocessing), finalises MPI where it started, flushes the standard streams and ends with
-    ``os._exit``. While a thread other than the main one still runs, it exits the usual way instead,
-    which waits for that thread.
+    takes 0.6-1 s of CPU. A command's files are closed when its ``main`` returns, so this runs the
+    exit handlers (logging, h5py, multiprocessing), finalises a one-process MPI, flushes the standard
+    streams and ends with ``os._exit``. It exits the usual way instead on a rank of several (after
+    ``MPI_Finalize`` MPICH's ranks need the C library's exit handlers, without which ``mpiexec`` reports
+    some ranks as killed, exit code 9, and each run leaves a shared-memory segment in ``/dev/shm``) and
+    where a thread other than the main one still runs (the usual way waits for it).
     """
     import atexit
     import os
     import threading
 
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+    mpi = sys.modules.get("mpi4py.MPI")
+    mpi = mpi if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() else None
+    if (mpi is not None and mpi.COMM_WORLD.Get_size() > 1) or any(
+            t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(code)
     atexit._run_exitfuncs()
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+    if mpi is not None:
         mpi.Finalize()
     for stream in (sys.stdout, sys.stderr):
         try:

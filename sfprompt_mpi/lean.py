@@ -52,7 +52,8 @@ LOADED_BY: dict[str, str] = {}
 @contextmanager
 def importing_for_good() -> Iterator[None]:
     """Inside: a process's first import of torch and the run's modules, with the cyclic garbage
-    collector paused; after: what they built is frozen (``gc.freeze``), out of every later collection.
+    collector paused; after: every object alive then, nearly all built by those imports, is frozen
+    (``gc.freeze``): out of every later collection, so never collected should it become cyclic garbage.
 
     Those objects (modules, operator registrations, a few hundred thousand) live as long as the
     process, yet each full collection walks them all: three ran inside ``import torch`` and each

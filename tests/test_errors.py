@@ -258,3 +258,24 @@ def test_end_process_keeps_the_exit_code_the_output_and_the_exit_handlers(case):
     assert "exit handler ran" in done.stderr
     assert ("torn down" in done.stderr) == (case == "thread"), done.stderr
     assert ("thread ended" in done.stderr) == (case == "thread"), done.stderr
+
+
+_RANK_ENDING = """
+import sys
+from mpi4py import MPI
+from sfprompt_mpi.cli import end_process
+MPI.COMM_WORLD.allgather(None)
+end_process(2)
+"""
+
+
+@pytest.mark.mpi
+def test_end_process_on_ranks_of_mpiexec_keeps_every_ranks_exit_code():
+    # Execute: every rank ends with 2, as after a user error all ranks agreed on; os._exit after
+    # MPI_Finalize made mpiexec report some of them as killed (9) in about a third of such jobs
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    codes = [subprocess.run([str(mpiexec), "-n", "3", sys.executable, "-c", _RANK_ENDING], capture_output=True,
+                            text=True, timeout=60, env=env).returncode for _ in range(10)]
+    # Assert
+    assert codes == [2] * 10

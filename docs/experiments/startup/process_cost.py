@@ -1,11 +1,18 @@
-"""CPU of a small run ending through ``cli.end_process`` against the same run ending with ``sys.exit``.
+"""CPU of a small run as a process starts and ends now, against the two ways it did before.
 
-    python docs/experiments/startup/exit_cost.py [REPEATS] [RANKS]
+    python docs/experiments/startup/process_cost.py [REPEATS] [RANKS]
 
-Alternates the two endings REPEATS times (default 6) for ``python -m sfprompt_mpi.run`` with 2
-clients, 1 round and 64 training samples: in one process (``--reference``) when RANKS is 1 (the
-default), else under ``mpiexec -n RANKS``. Prints the median and the runs' CPU (user + sys of the
-command and every process it waited for).
+Alternates three commands REPEATS times (default 6), each ``python -m sfprompt_mpi.run`` with 2
+clients, 1 round and 64 training samples, in one process (``--reference``) when RANKS is 1 (the
+default), else under ``mpiexec -n RANKS``:
+
+- ``now``: the command as it is;
+- ``collector on``: torch imported before the run starts, so its import runs with the cyclic
+  garbage collector as usual and nothing is frozen (``lean.importing_for_good`` finds torch there);
+- ``and teardown``: that, and the process ends with ``sys.exit`` (the interpreter's teardown)
+  instead of ``cli.end_process``.
+
+Prints each command's median and runs' CPU (user + sys of the command and every process it waited for).
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ import tempfile
 from pathlib import Path
 
 FLAGS = ["--clients", "2", "--rounds", "1", "--max-train-samples", "64", "--max-test-samples", "32", "--threads", "1"]
-ENDINGS = {"end_process": ["-m", "sfprompt_mpi.run"],
-           "sys.exit": ["-c", "import sys; from sfprompt_mpi.run import cli; sys.exit(cli())"]}
+ENDINGS = {"now": ["-m", "sfprompt_mpi.run"],
+           "collector on": ["-c", "import torch; from sfprompt_mpi.cli import end_process; from sfprompt_mpi.run import cli; "
+                                  "end_process(cli())"],
+           "and teardown": ["-c", "import sys, torch; from sfprompt_mpi.run import cli; sys.exit(cli())"]}
 
 
 def main() -> None:
@@ -44,7 +53,7 @@ def main() -> None:
                     sys.exit(f"{name}: exit code {done.returncode}\n{done.stderr[-3000:]}")
                 cpu[name].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     for name, values in cpu.items():
-        print(f"{name:12s} median {statistics.median(values):.2f} s CPU; runs: {' '.join(f'{v:.2f}' for v in values)}")
+        print(f"{name:13s} median {statistics.median(values):.2f} s CPU; runs: {' '.join(f'{v:.2f}' for v in values)}")
 
 
 if __name__ == "__main__":
