@@ -58,7 +58,7 @@ def importing_for_good() -> Iterator[None]:
     Those objects (modules, operator registrations, a few hundred thousand) live as long as the
     process, yet each full collection walks them all: three ran inside ``import torch`` and each
     later one (a lazy import, the collection after setup) took 0.1-0.15 s; a small run's process
-    spends about 0.6 s of CPU less (docs/benchmarks.md). Where torch is imported already (a test
+    spends 0.6-0.9 s of CPU less (docs/benchmarks.md). Where torch is imported already (a test
     calling ``main`` in its own process), this does nothing.
     """
     fresh = "torch" not in sys.modules
