@@ -489,6 +489,9 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
         self._wait_for(requeued, timeout, f"job {job_id} to be requeued, its nodes idle and its processes gone",
                        extra=lambda: self.job_log(job_id))
+        # slurmd revokes the ended instance's credential at the requeue and refuses a new one created in
+        # the same second or before ("Job credential revoked": its times have one-second resolution)
+        time.sleep(1.1)
         if updates:
             self._client(["scontrol", "update", f"JobId={job_id}", *(f"{k}={v}" for k, v in updates.items())],
                          timeout=15)
