@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from sfprompt_mpi.config import build_config, load_toml
 from sfprompt_mpi.errors import UserError
 from sfprompt_mpi.run import main
+
+import run_helpers as helpers  # tests/mpi, put on sys.path by tests/conftest.py
 
 TINY = ["--max-train-samples", "120", "--max-test-samples", "40", "--threads", "1", "--rounds", "1"]
 
@@ -250,7 +251,7 @@ end_process(7)
 def test_end_process_keeps_the_exit_code_the_output_and_the_exit_handlers(case):
     # Execute: a command's last step, with its stdout a pipe (block-buffered)
     done = subprocess.run([sys.executable, "-c", _ENDING, case], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                          env={**os.environ, "PYTHONPATH": str(helpers.ROOT)})
     # Assert: the code, the buffered output and the exit handlers survive; the teardown is skipped
     # unless a thread still runs, whose end it then waits for
     assert done.returncode == 7, done.stderr
@@ -273,9 +274,7 @@ end_process(2)
 def test_end_process_on_ranks_of_mpiexec_keeps_every_ranks_exit_code():
     # Execute: every rank ends with 2, as after a user error all ranks agreed on; os._exit after
     # MPI_Finalize made mpiexec report some of them as killed (9) in about a third of such jobs
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    codes = [subprocess.run([str(mpiexec), "-n", "3", sys.executable, "-c", _RANK_ENDING], capture_output=True,
-                            text=True, timeout=60, env=env).returncode for _ in range(10)]
+    codes = [helpers.run_bounded([str(helpers.MPIEXEC), "-n", "3", sys.executable, "-c", _RANK_ENDING], 60).returncode
+             for _ in range(10)]
     # Assert
     assert codes == [2] * 10
