@@ -77,21 +77,22 @@ def end_process(code: int) -> NoReturn:
 
     Tearing down a process that imported torch (its modules freed one by one, every object collected)
     takes 0.6-1 s of CPU. A command's files are closed when its ``main`` returns, so this runs the
-    exit handlers (logging, h5py, multiprocessing), finalises a one-process MPI, flushes the standard
-    streams and ends with ``os._exit``. It exits the usual way instead on a rank of several (after
-    ``MPI_Finalize`` MPICH's ranks need the C library's exit handlers, without which ``mpiexec`` reports
-    some ranks as killed, exit code 9, and each run leaves a shared-memory segment in ``/dev/shm``) and
-    where a thread other than the main one still runs (the usual way waits for it).
+    exit handlers (logging, h5py, multiprocessing), finalises MPI, flushes the standard streams and
+    ends with ``os._exit``. A rank of several ends with the C library's ``exit`` instead, which runs
+    the C libraries' exit handlers: without MPICH's, after ``MPI_Finalize``, ``mpiexec`` reports some
+    ranks as killed (exit code 9) and jobs leave shared-memory segments in ``/dev/shm``. It is called
+    holding the GIL, so no other Python thread runs while those handlers do. Where a thread other than
+    the main one still runs, the process exits the usual way, which waits for that thread.
     """
     import atexit
     import os
     import threading
 
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
     mpi = sys.modules.get("mpi4py.MPI")
     mpi = mpi if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() else None
-    if (mpi is not None and mpi.COMM_WORLD.Get_size() > 1) or any(
-            t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        sys.exit(code)
+    several = mpi is not None and mpi.COMM_WORLD.Get_size() > 1
     atexit._run_exitfuncs()
     if mpi is not None:
         mpi.Finalize()
@@ -100,6 +101,9 @@ def end_process(code: int) -> NoReturn:
             stream.flush()
         except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach it
             pass
+    if several:
+        import ctypes
+        ctypes.PyDLL(None).exit(code)  # PyDLL: the call keeps the GIL
     os._exit(code)
 
 

@@ -1,12 +1,14 @@
-"""CPU of a small run as a process starts and ends now, against the two ways it did before.
+"""CPU of a small run as a process starts and ends now, against the ways it did before.
 
     python docs/experiments/startup/process_cost.py [REPEATS] [RANKS]
 
-Alternates three commands REPEATS times (default 6), each ``python -m sfprompt_mpi.run`` with 2
+Alternates four commands REPEATS times (default 6), each ``python -m sfprompt_mpi.run`` with 2
 clients, 1 round and 64 training samples, in one process (``--reference``) when RANKS is 1 (the
 default), else under ``mpiexec -n RANKS``:
 
 - ``now``: the command as it is;
+- ``usual exit``: the command ending with ``sys.exit`` (the interpreter's teardown) instead of
+  ``cli.end_process``;
 - ``collector on``: torch imported before the run starts, so its import runs with the cyclic
   garbage collector as usual and nothing is frozen (``lean.importing_for_good`` finds torch there);
 - ``and teardown``: that, and the process ends with ``sys.exit`` (the interpreter's teardown)
@@ -28,6 +30,7 @@ from pathlib import Path
 
 FLAGS = ["--clients", "2", "--rounds", "1", "--max-train-samples", "64", "--max-test-samples", "32", "--threads", "1"]
 ENDINGS = {"now": ["-m", "sfprompt_mpi.run"],
+           "usual exit": ["-c", "import sys; from sfprompt_mpi.run import cli; sys.exit(cli())"],
            "collector on": ["-c", "import torch; from sfprompt_mpi.cli import end_process; from sfprompt_mpi.run import cli; "
                                   "end_process(cli())"],
            "and teardown": ["-c", "import sys, torch; from sfprompt_mpi.run import cli; sys.exit(cli())"]}
