@@ -13,6 +13,7 @@ import math
 import sys
 
 import pytest
+import torch
 
 from sfprompt_mpi.bench.common import format_table, parse_size
 from sfprompt_mpi.bench.job import RoundClock
@@ -160,17 +161,34 @@ def test_wire_suite(tmp_path):
 
 
 @pytest.mark.mpi
-def test_limit_suite_restates_each_algorithm_bitwise(tmp_path):
-    result = run_suite(tmp_path, "limit", "--rounds", "2", "--clients", "2", "--procs", "2", "--repeats", "1",
-                       "--", *TINY_RUN)
+def test_limit_suite_restates_sfprompt_bitwise_in_one_process_and_on_all_cores(tmp_path):
+    # Execute: the suite as a user starts it (run and plain loop, each in one process and on 2 client
+    # processes); fl-full's arithmetic is checked in this process below, which costs no process starts
+    result = run_suite(tmp_path, "limit", "--algos", "sfprompt", "--rounds", "2", "--clients", "2", "--procs", "2",
+                       "--repeats", "1", "--", *TINY_RUN)
 
-    assert [(r["algo"], r["mode"]) for r in result["rows"]] == [
-        ("fl-full", "1 process"), ("fl-full", "2 processes"), ("sfprompt", "1 process"), ("sfprompt", "2 processes")]
+    assert [(r["algo"], r["mode"]) for r in result["rows"]] == [("sfprompt", "1 process"), ("sfprompt", "2 processes")]
     for row in result["rows"]:
         # the plain loop does the very arithmetic of the run: the same final parameters, bit for bit
         assert row["same_params"] is True and row["plain_acc"] == row["ours_acc"]
         assert row["plain/ours"] == pytest.approx(row["plain_round_s"] / row["ours_round_s"])
     assert result["value"] == pytest.approx(min(r["plain/ours"] for r in result["rows"]))
+
+
+def test_plain_loop_ends_with_the_reference_runs_parameters_for_fl_full(tmp_path):
+    from safetensors.torch import load_file
+
+    from sfprompt_mpi.bench.plain import run_plain
+    from sfprompt_mpi.run import main
+    flags = ["--algo", "fl-full", "--clients", "2", "--rounds", "2", "--threads", "1", *TINY_RUN]
+    # Execute: the reference run and the plain loop, both in this process
+    assert main([*flags, "--reference", "--run-dir", str(tmp_path / "ref")]) == 0
+    plain = run_plain(flags, 1)
+    # Assert: every trained tensor equal, bit for bit
+    run = load_file(str(tmp_path / "ref" / "checkpoint" / "global.safetensors"))
+    assert plain["final"].keys() == run.keys()
+    assert all(torch.equal(plain["final"][k], run[k]) for k in run)
+    assert plain["procs"] == 1 and len(plain["round_s"]) == 2
 
 
 def test_peers_suite_without_the_extra_is_one_line_and_exit_2(tmp_path):
