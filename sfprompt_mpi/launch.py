@@ -105,8 +105,8 @@ def plan_launch(cfg: Config) -> LaunchPlan:
     mpiexec = _mpiexec()
     if mpiexec is None:
         return LaunchPlan(0, "one process: no mpiexec found (pip install -e '.[mpi]' uses every core)")
-    from .world import RANK_MEMORY_FLOOR_GB, _mem_available_gb
-    floor = float(os.environ.get("SFPROMPT_RANK_GB", RANK_MEMORY_FLOOR_GB))
+    from .world import _mem_available_gb, rank_floor_gb
+    floor = rank_floor_gb(cfg.fed.algo)
     try:
         want = int(os.environ["SFPROMPT_LAUNCH_RANKS"]) if os.environ.get("SFPROMPT_LAUNCH_RANKS") else None
     except ValueError:

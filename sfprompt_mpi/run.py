@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None, started: float | None = None, clock: Any
             os.environ["HF_HUB_OFFLINE"] = "1"
         try:
             cfg = resolve_config(argv, world.rank)
-            node_memory_check(world)
+            node_memory_check(world, cfg.fed.algo)
             from .start import run_job  # heavy imports (torch, timm) only after argument checks
             return run_job(cfg, world, started, clock, stopper, note=note)
         finally:

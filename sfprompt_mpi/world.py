@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from .algorithms.registry import PEFT_ALGOS
 from .errors import UserError
 from .node import NodeLayout, node_layout, poll_until, single_process_layout, true_or_none
 
@@ -26,6 +27,19 @@ if TYPE_CHECKING:
 #: on CPU, torch 2.14, with torch._dynamo and sympy deferred: lean.py; 0.42 GB
 #: with both); 51 such ranks used 17.9 GB. See README, "Many ranks on one node".
 RANK_MEMORY_FLOOR_GB = 0.35
+#: What a rank of an algorithm that imports peft (the LoRA algorithms and LEGEND) needs on top: peft brings
+#: transformers, torch._dynamo, sympy and torch.distributed.tensor (fedlora's ranks peaked at
+#: 0.50 GB against 0.37 GB for sfprompt's, docs/experiments/memory/rank_memory.py 5 --algo ...).
+PEFT_RANK_GB = 0.13
+
+
+def rank_floor_gb(algo: str) -> float:
+    """The memory check's floor per rank for ``--algo algo``: $SFPROMPT_RANK_GB where set (0: no check),
+    else RANK_MEMORY_FLOOR_GB, plus PEFT_RANK_GB for an algorithm that imports peft."""
+    if os.environ.get("SFPROMPT_RANK_GB"):
+        return float(os.environ["SFPROMPT_RANK_GB"])
+    return RANK_MEMORY_FLOOR_GB + (PEFT_RANK_GB if algo in PEFT_ALGOS else 0.0)
+
 
 _MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
 
@@ -87,11 +101,11 @@ def rank0_decides(world: World, fn: Callable[[], Any]) -> Any:
     return value if world.comm is None or world.size == 1 else world.comm.bcast(value, root=0)
 
 
-def node_memory_check(world: World) -> None:
+def node_memory_check(world: World, algo: str) -> None:
     """Refuse, with one line, to start more ranks on a node than its memory can hold.
 
-    The floor per rank is RANK_MEMORY_FLOOR_GB, or $SFPROMPT_RANK_GB where set
-    (larger for big models, 0 to turn the check off). Runs before torch is imported, so a node that would run out of memory
+    The floor per rank is :func:`rank_floor_gb` of ``--algo algo`` ($SFPROMPT_RANK_GB where set:
+    larger for big models, 0 to turn the check off). Runs before torch is imported, so a node that would run out of memory
     during start-up fails in a second instead of being OOM-killed minutes in.
     Each node's ranks compare the floor x their count with MemAvailable; the
     verdict is agreed by all ranks so no rank waits for a failed one."""
@@ -99,7 +113,7 @@ def node_memory_check(world: World) -> None:
     if world.comm is not None and world.size > 1:
         ranks_here, local_rank = world.node.local_size, world.node.local_rank
         available = _mem_available_gb()
-        floor = float(os.environ.get("SFPROMPT_RANK_GB", RANK_MEMORY_FLOOR_GB))
+        floor = rank_floor_gb(algo)
         need = ranks_here * floor
         if local_rank == 0 and available is not None and need > available:
             error = (f"{ranks_here} ranks on node {os.uname().nodename} need at least {need:.1f} GB "

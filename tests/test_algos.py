@@ -243,3 +243,20 @@ def test_each_algorithm_reads_only_algorithm_settings():
     assert set(ALGORITHM_SETTINGS) <= set(FIELDS)
     for name in ALGOS:
         assert algorithm_class(name).reads <= set(ALGORITHM_SETTINGS), name
+
+
+def test_the_algorithms_marked_as_importing_peft_are_those_whose_models_carry_its_lora(monkeypatch):
+    import peft
+    from sfprompt_mpi.algorithms.registry import PEFT_ALGOS
+    injected = []
+    real = peft.inject_adapter_in_model
+    monkeypatch.setattr(peft, "inject_adapter_in_model", lambda *a, **k: injected.append(1) or real(*a, **k))
+    # Execute: every algorithm's model, on the meta device
+    carries = set()
+    for algo in ALGOS:
+        injected.clear()
+        build_algorithm(parse_config(["--algo", algo])).build_model(10, meta=True)
+        if injected:
+            carries.add(algo)
+    # Assert: the set the memory check reads (world.rank_floor_gb) is exactly the algorithms using peft
+    assert carries == set(PEFT_ALGOS)

@@ -131,3 +131,17 @@ def test_sigterm_stops_the_ranks_it_started_and_the_same_command_continues(tmp_p
     assert again.returncode == 0 and "resuming" in again.output, again.report()
     assert main([*TINY, "--rounds", "4", "--reference", "--run-dir", str(ref)]) == 0
     assert _same(run_dir, ref)
+
+
+def test_the_memory_floor_per_rank_counts_peft_for_the_lora_algorithms(monkeypatch):
+    from sfprompt_mpi.world import PEFT_RANK_GB, RANK_MEMORY_FLOOR_GB, rank_floor_gb
+    monkeypatch.delenv("SFPROMPT_RANK_GB", raising=False)
+    assert rank_floor_gb("sfprompt") == RANK_MEMORY_FLOOR_GB
+    assert rank_floor_gb("fedlora") == rank_floor_gb("legend") == RANK_MEMORY_FLOOR_GB + PEFT_RANK_GB
+    # 51 ranks of fedlora do not fit where 51 of sfprompt do
+    cfg = parse_config(["--algo", "fedlora", "--clients", "50", "--threads", "1"])
+    assert launch.plan_ranks(cfg, 64, mem_gb=21.0, floor_gb=rank_floor_gb("sfprompt"))[0] == 51
+    assert launch.plan_ranks(cfg, 64, mem_gb=21.0, floor_gb=rank_floor_gb("fedlora"))[0] == 43
+    # the user's figure wins, whatever the algorithm
+    monkeypatch.setenv("SFPROMPT_RANK_GB", "0")
+    assert rank_floor_gb("fedlora") == 0.0

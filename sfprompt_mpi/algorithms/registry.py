@@ -21,6 +21,9 @@ REGISTRY: dict[str, str] = {
     "hetlora": "lora:HetLoRA",
     "legend": "legend:Legend",
 }
+#: The algorithms whose models carry peft's LoRA: their ranks import peft and with it transformers
+#: (more memory per rank, see ``world.rank_floor_gb``; tests/test_algos.py checks the set).
+PEFT_ALGOS = frozenset({"fedlora", "hetlora", "legend"})
 #: The registered names (a live view: ``--algo``'s choices follow the registry).
 ALGOS = REGISTRY.keys()
 #: The algorithms of SFPrompt's Figure 2 (accuracy as one training set is divided among more clients):
