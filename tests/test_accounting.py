@@ -37,12 +37,13 @@ GRAD_KINDS = {"grad_out", "grad_acts"}
 
 
 def _launch(run_dir: Path, flags: list[str], world: int) -> None:
-    """Run the job to completion (bounded); its whole process group dies on timeout."""
-    job = [sys.executable, "-m", "sfprompt_mpi.run", "--run-dir", str(run_dir), *TINY, *flags]
-    if world > 1:
-        job = [str(MPIEXEC), "-n", str(world), sys.executable, "-m", "mpi4py", *job[1:]]
-    else:
-        job.append("--reference")  # one process, not the ranks the command would start itself
+    """Run the job to completion: in this process for one, else bounded (its whole process group dies on timeout)."""
+    args = ["--run-dir", str(run_dir), *TINY, *flags]
+    if world == 1:
+        from sfprompt_mpi.run import main
+        assert main(args) == 0
+        return
+    job = [str(MPIEXEC), "-n", str(world), sys.executable, "-m", "mpi4py", "-m", "sfprompt_mpi.run", *args]
     result = run_bounded(job, LAUNCH_TIMEOUT_S)
     assert result.returncode == 0, result.output
 
