@@ -43,10 +43,13 @@ def run_job(cfg: Config, world: World, started: float | None = None, clock: Cloc
         if cfg.run.dry_run and world.rank != 0:
             rank0_decides(world, lambda: None)  # as runtime.run_rank's first step: rank 0's checks end us too
             return 0
+        from .algorithms.registry import PEFT_ALGOS
         from .lean import defer_imports, importing_for_good
         with importing_for_good():
             defer_imports()  # 2 s of CPU and 0.1 GB less per rank (lean.py)
             from .runtime import run_rank
+            if cfg.fed.algo in PEFT_ALGOS:  # its model's LoRA: peft and transformers, 1 s of CPU less here
+                import peft  # noqa: F401
         return run_rank(cfg, world, started, clock, stopper, note)
     finally:
         if own:

@@ -160,3 +160,21 @@ def test_a_processs_first_torch_import_runs_without_the_collector_and_is_frozen_
     # Execute + Assert: paused during the first import only, then as the process had it; torch's
     # objects frozen once, and a second block (torch imported already) changes nothing
     assert _python(FREEZING, gc_before) == ["False", str(on), str(on), "True", "True"]
+
+
+PEFT_FROZEN = """
+    import gc, sys
+    from sfprompt_mpi.run import main
+    code = main(sys.argv[1:])
+    peft = sys.modules.get("peft")
+    # a frozen object is in no generation gc.get_objects() lists
+    print("RESULT", code, peft is not None, peft is not None and all(o is not peft.LoraConfig for o in gc.get_objects()))
+"""
+
+
+@pytest.mark.parametrize("algo,imported", [("fedlora", True), ("sfprompt", False)])
+def test_an_algorithm_that_carries_peft_imports_it_with_the_ranks_imports_and_freezes_it(tmp_path, algo, imported):
+    # Execute: the dry run's path through the rank's imports
+    got = _python(PEFT_FROZEN, "--algo", algo, "--dry-run", "--reference", "--run-dir", str(tmp_path / "run"))
+    # Assert: peft (and transformers with it) only where the model carries its LoRA, and then frozen
+    assert got == ["0", str(imported), str(imported)]
