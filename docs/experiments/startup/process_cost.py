@@ -36,16 +36,17 @@ ENDINGS = {"now": ["-m", "sfprompt_mpi.run"],
            "and teardown": ["-c", "import sys, torch; from sfprompt_mpi.run import cli; sys.exit(cli())"]}
 
 
-def main() -> None:
-    repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 6
-    ranks = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+def alternate(variants: dict[str, list[str]], flags: list[str], repeats: int, ranks: int) -> None:
+    """Run each variant (the arguments after ``python``) with ``flags`` and its own run directory,
+    alternating, ``repeats`` times, in one process (``--reference``) or under ``mpiexec -n ranks``;
+    print each one's median and runs' CPU."""
     launcher = [] if ranks == 1 else [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks)]
-    flags = [*FLAGS, *(["--reference"] if ranks == 1 else [])]
+    flags = [*flags, *(["--reference"] if ranks == 1 else [])]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cpu: dict[str, list[float]] = {k: [] for k in ENDINGS}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(repeats):
-            for name, entry in ENDINGS.items():
+            for name, entry in variants.items():
                 run_dir = Path(tmp) / "run"
                 shutil.rmtree(run_dir, ignore_errors=True)
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -56,8 +57,8 @@ def main() -> None:
                     sys.exit(f"{name}: exit code {done.returncode}\n{done.stderr[-3000:]}")
                 cpu[name].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     for name, values in cpu.items():
-        print(f"{name:13s} median {statistics.median(values):.2f} s CPU; runs: {' '.join(f'{v:.2f}' for v in values)}")
+        print(f"{name:16s} median {statistics.median(values):.2f} s CPU; runs: {' '.join(f'{v:.2f}' for v in values)}")
 
 
 if __name__ == "__main__":
-    main()
+    alternate(ENDINGS, FLAGS, int(sys.argv[1]) if len(sys.argv) > 1 else 6, int(sys.argv[2]) if len(sys.argv) > 2 else 1)
