@@ -37,7 +37,11 @@ def rank_floor_gb(algo: str) -> float:
     """The memory check's floor per rank for ``--algo algo``: $SFPROMPT_RANK_GB where set (0: no check),
     else RANK_MEMORY_FLOOR_GB, plus PEFT_RANK_GB for an algorithm that imports peft."""
     if os.environ.get("SFPROMPT_RANK_GB"):
-        return float(os.environ["SFPROMPT_RANK_GB"])
+        try:
+            return float(os.environ["SFPROMPT_RANK_GB"])
+        except ValueError:
+            raise UserError(f"SFPROMPT_RANK_GB={os.environ['SFPROMPT_RANK_GB']!r} must be a number of GB per rank "
+                            "(0: no memory check)") from None
     return RANK_MEMORY_FLOOR_GB + (PEFT_RANK_GB if algo in PEFT_ALGOS else 0.0)
 
 

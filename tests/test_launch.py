@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import sfprompt_mpi.launch as launch
 from sfprompt_mpi.config import build_config, parse_config
-from sfprompt_mpi.errors import EXIT_CONTINUE
+from sfprompt_mpi.errors import EXIT_CONTINUE, UserError
 from sfprompt_mpi.run import main
 
 import run_helpers as helpers  # tests/mpi, on sys.path via tests/conftest.py
@@ -145,3 +145,6 @@ def test_the_memory_floor_per_rank_counts_peft_for_the_lora_algorithms(monkeypat
     # the user's figure wins, whatever the algorithm
     monkeypatch.setenv("SFPROMPT_RANK_GB", "0")
     assert rank_floor_gb("fedlora") == 0.0
+    monkeypatch.setenv("SFPROMPT_RANK_GB", "half")
+    with pytest.raises(UserError, match="SFPROMPT_RANK_GB='half' must be a number of GB per rank"):
+        rank_floor_gb("sfprompt")
