@@ -12,6 +12,7 @@ ranks). Every other rank defers what a run never uses (``sfprompt_mpi.lean``) an
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -49,7 +50,7 @@ def run_job(cfg: Config, world: World, started: float | None = None, clock: Cloc
             defer_imports()  # 2 s of CPU and 0.1 GB less per rank (lean.py)
             from .runtime import run_rank
             if cfg.fed.algo in PEFT_ALGOS:  # its model's LoRA: peft and transformers, 1 s of CPU less here
-                import peft  # noqa: F401
+                importlib.import_module("peft")
         return run_rank(cfg, world, started, clock, stopper, note)
     finally:
         if own:
