@@ -14,8 +14,8 @@ Any other exception is a bug or a fault: in one process it keeps its
 traceback; under MPI it aborts the whole job with that rank's error.
 
 Each CLI's ``__main__`` then leaves through :func:`end_process`, which skips
-the interpreter's teardown (0.6-1 s of CPU in a process that imported torch)
-where it is the only MPI rank.
+the interpreter's teardown (0.6-1 s of CPU in a process that imported torch,
+0.13 s once its imports are frozen) in one process and on each rank of several.
 """
 
 from __future__ import annotations
