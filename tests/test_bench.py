@@ -61,7 +61,7 @@ def test_help_lists_every_suite():
     (["limit", "--algos", "nosuch"], "registered algorithms"),
     (["limit", "--procs", "5", "--clients", "4"], "--procs <= --clients"),
     (["peers", "--python", "/nonexistent/python"], "cannot start /nonexistent/python"),
-    (["peers", "--peers", "fedml"], "choose among flower, pfl"),
+    (["peers", "--peers", "fedml"], "choose among flower, pfl, pfl-torchrun"),
 ])
 def test_user_error_is_one_line_and_exit_2(args, words):
     done = bench(*args)
@@ -203,3 +203,40 @@ def test_peers_suite_without_the_extra_is_one_line_and_exit_2(tmp_path):
     errors = [line for line in done.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "peers extra" in errors[0] and "pip install -e '.[peers]'" in errors[0], done.report()
     assert "Traceback" not in done.output
+
+
+def test_pfl_torchrun_starts_one_pfl_worker_per_cpu_and_only_the_first_writes_the_report(tmp_path, monkeypatch):
+    from sfprompt_mpi.bench import peer_jobs
+    from sfprompt_mpi.bench.peers import peer_command
+    # Prepare: the peer's job replaced by one that reports which worker ran it
+    flags = ["--algo", "fl-full", "--clients", "4"]
+    monkeypatch.setattr(peer_jobs, "run_pfl", lambda argv: {"argv": argv, "round_s": [1.0], "test_acc": 0.5})
+    report = tmp_path / "r.json"
+    # Execute: the command lines, and the job as the second and the first worker
+    one = peer_command("py", "pfl", report, flags, 2)
+    two = peer_command("py", "pfl-torchrun", report, flags, 2)
+    monkeypatch.setenv("RANK", "1")
+    assert peer_jobs.peer_main(["pfl", "--report", str(report), "--", *flags]) == 0
+    second_wrote = report.exists()
+    monkeypatch.setenv("RANK", "0")
+    assert peer_jobs.peer_main(["pfl", "--report", str(report), "--", *flags]) == 0
+    # Assert: the same job, once in one process and once under torchrun with a worker per CPU
+    job = ["-m", "sfprompt_mpi.bench", "_peer", "pfl", "--report", str(report), "--", *flags]
+    assert one == ["py", *job]
+    assert two == ["py", "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2", *job]
+    assert not second_wrote and json.loads(report.read_text())["argv"] == flags
+
+
+def test_peers_rows_hold_our_one_process_against_the_peers_in_one_process_and_every_core_against_all():
+    from sfprompt_mpi.bench.peers import _rows
+    # Prepare: two repetitions at one count; pfl in one process, Flower and pfl's workers on every core
+    times = {"ours, 1 process": (2.0, 2.2), "ours, 3 ranks": (1.2, 1.4), "flower": (1.8, 1.6),
+             "pfl": (1.6, 1.7), "pfl, 2 workers (torchrun)": (1.0, 1.1)}
+    trials = [{"clients": 4, "who": who, "round_s": t, "acc": 0.5, **({} if who.startswith("ours") else
+               {"one_process": who == "pfl"})} for who, pair in times.items() for t in pair]
+    # Execute
+    rows = {r["who"]: r for r in _rows(trials, [4])}
+    # Assert: medians of the repetitions; 1.65 / 2.1 against pfl alone, 1.05 / 1.3 against pfl's workers
+    assert rows["ours, 1 process"]["peer/ours"] == pytest.approx(1.65 / 2.1)
+    assert rows["ours, 3 ranks"]["peer/ours"] == pytest.approx(1.05 / 1.3)
+    assert "peer/ours" not in rows["flower"] and rows["flower"]["round_s"] == pytest.approx(1.7)

@@ -25,6 +25,7 @@ the round times and the final test accuracy.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -93,12 +94,12 @@ def run_pfl(argv: list[str]) -> dict[str, Any]:
     from pfl.aggregate.simulate import SimulatedBackend
     from pfl.aggregate.weighting import WeightByDatapoints
     from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
-    from pfl.callback.base import TrainingProcessCallback
+    from pfl.callback.central_evaluation import CentralEvaluationCallback
     from pfl.data.dataset import Dataset
     from pfl.data.federated_dataset import FederatedDataset
     from pfl.data.sampling import get_user_sampler
     from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams
-    from pfl.metrics import Metrics, Weighted
+    from pfl.metrics import Metrics, StringMetricName, Weighted
     from pfl.model.pytorch import PyTorchModel
 
     from .plain import PlainLoop
@@ -123,20 +124,30 @@ def run_pfl(argv: list[str]) -> dict[str, Any]:
     model = PyTorchModel(module, local_optimizer_create=lambda p, lr: local(p, lr=lr, foreach=True),
                          central_optimizer=torch.optim.SGD(loop.trained, lr=1.0))
 
-    class Timing(TrainingProcessCallback):
-        def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
-            clock.mark(loop.evaluate(loop.layout.flatten_model(module)))
-            return False, Metrics()
+    class TimedEvaluation(CentralEvaluationCallback):  # pfl's own central evaluation, shared among its workers
+        def on_train_begin(self, *, model):  # the clock starts; no evaluation before training
+            clock.mark(float("nan"))
+            return Metrics()
 
-    backend = SimulatedBackend(training_data=data, val_data=central, postprocessors=[WeightByDatapoints()])
+        def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
+            # pfl's callback skips iteration 0 (it evaluates before training instead): here every round ends with one
+            stop, got = super().after_central_iteration(aggregate_metrics, model, central_iteration=central_iteration + 1)
+            return stop, self._marked(got)
+
+        def _marked(self, got):
+            clock.mark(got[StringMetricName("Central val | accuracy")].overall_value)
+            return got
+
+    backend = SimulatedBackend(training_data=data, val_data=None,  # no federated evaluation: central only
+                               postprocessors=[WeightByDatapoints()])
     params = NNAlgorithmParams(central_num_iterations=cfg.fed.rounds, evaluation_frequency=cfg.fed.rounds + 1,
                                train_cohort_size=loop.clients, val_cohort_size=None)
-    clock.mark(float("nan"))
     FederatedAveraging().run(algorithm_params=params, backend=backend, model=model,
                              model_train_params=NNTrainHyperParams(local_num_epochs=cfg.fed.split_epochs,
                                                                    local_learning_rate=cfg.fed.lr,
                                                                    local_batch_size=cfg.fed.batch_size),
-                             model_eval_params=NNEvalHyperParams(local_batch_size=256), callbacks=[Timing()])
+                             model_eval_params=NNEvalHyperParams(local_batch_size=256),
+                             callbacks=[TimedEvaluation(central, NNEvalHyperParams(local_batch_size=256))])
     return {"round_s": clock.rounds(), "test_acc": clock.acc}
 
 
@@ -146,5 +157,6 @@ def peer_main(argv: list[str]) -> int:
         print("usage: python -m sfprompt_mpi.bench _peer flower|pfl --report FILE -- RUN_FLAGS...", file=sys.stderr)
         return 2
     report = (run_flower if argv[0] == "flower" else run_pfl)(argv[4:])
-    Path(argv[2]).write_text(json.dumps(report) + "\n")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every worker has the same report: the first writes it
+        Path(argv[2]).write_text(json.dumps(report) + "\n")
     return 0
