@@ -102,6 +102,23 @@ def test_exact_sum_is_exact_and_independent_of_order() -> None:
             ExactSum(1).add(torch.ones(1), w)
 
 
+def test_exact_sum_in_c_leaves_the_limbs_of_the_torch_loop() -> None:
+    from sfprompt_mpi.fed import aggregate
+    # Prepare: values over the whole float32 range, weights up to the largest, a vector longer than a chunk
+    assert aggregate._exactsum is not None, "the exact sum's C loop was not built: pip install -e . with a C compiler"
+    xs = _wide_vectors(5, 40_000, seed=3)
+    ws = [2**31 - 1, 1, 977, 2**16 + 1, 12]
+    in_c, in_torch = ExactSum(40_000), ExactSum(40_000, use_c=False)
+    # Execute: one from a strided view (the C loop is given a contiguous copy)
+    for x, w in zip(xs, ws):
+        in_c.add(torch.stack([x, x]).t()[:, 0], w)
+        in_torch.add(x, w)
+    # Assert
+    assert in_c._c is not None and in_torch._c is None
+    assert torch.equal(in_c.limbs_LF, in_torch.limbs_LF) and in_c.limbs_LF.abs().max() > 2**32
+    assert torch.equal(in_c.mean(), in_torch.mean())
+
+
 def test_streamed_updates_keep_no_vectors_and_equal_the_id_order_mean() -> None:
     xs = _wide_vectors(5, 500, seed=2)
     counts = [4, 9, 1, 30, 2]
