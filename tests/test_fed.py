@@ -102,6 +102,20 @@ def test_exact_sum_is_exact_and_independent_of_order() -> None:
             ExactSum(1).add(torch.ones(1), w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_finds_one_nan_or_inf_anywhere(dtype) -> None:
+    from sfprompt_mpi.fed.aggregate import all_finite
+    for n in (1, 3, 40_000):
+        clean = torch.randn(n).to(dtype)
+        assert all_finite(clean) and all_finite(clean.reshape(1, n, 1))
+        for pos in {0, n // 2, n - 1}:
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                x = clean.clone()
+                x[pos] = bad
+                assert not all_finite(x), (n, pos, bad)
+    assert all_finite(torch.empty(0, 5, dtype=dtype))
+
+
 def test_exact_sum_in_c_leaves_the_limbs_of_the_torch_loop() -> None:
     from sfprompt_mpi.fed import aggregate
     # Prepare: values over the whole float32 range, weights up to the largest, a vector longer than a chunk

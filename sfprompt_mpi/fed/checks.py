@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..comm.protocol import Kind, Message, ProtocolError, expect
-from .aggregate import MAX_WEIGHT
+from .aggregate import MAX_WEIGHT, all_finite
 from .mailbox import attempt_of
 
 
@@ -70,7 +70,7 @@ def check_message(msg: Message, want: Expected, active: set[int],
             raise ProtocolError(f"update with sample count {h.aux} (must be 1..{MAX_WEIGHT})")
     else:
         _check_activations(msg, want, awaiting)
-    if not bool(torch.isfinite(msg.payload).all()):
+    if not all_finite(msg.payload):
         raise ProtocolError("tensor holds NaN or Inf")
     return h.kind
 
