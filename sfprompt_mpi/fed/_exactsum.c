@@ -1,4 +1,4 @@
-/* The exact sum's inner loop in C: limbs += weight * x, value by value.
+/* The exact sum's inner loops in C: limbs += weight * x, value by value, and the sum rounded.
  *
  * The same arithmetic as ``_add_chunk`` in aggregate.py, which stays the
  * fallback and the oracle (tests/test_aggregate.py checks that both leave the
@@ -35,6 +35,45 @@ static void add_values(int64_t *limbs, const float *x, Py_ssize_t n, Py_ssize_t 
     }
 }
 
+/* out = the limbs' sum rounded to float64, as ``ExactSum.total`` does in torch: carries propagated
+ * (limbs 0..8 into [0, 2^32), the top one signed), then Horner from the top limb in float64, each
+ * step rounded, times 2^-149. The limbs themselves are left as they are. */
+static void total_values(const int64_t *limbs, double *out, Py_ssize_t n, Py_ssize_t stride, int nlimbs)
+{
+    int64_t l[16];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        for (int j = 0; j < nlimbs; j++)
+            l[j] = limbs[j * stride + i];
+        for (int j = 0; j < nlimbs - 1; j++) {
+            const int64_t carry = l[j] >> 32;
+            l[j] -= carry * ((int64_t)1 << 32);
+            l[j + 1] += carry;
+        }
+        double acc = (double)l[nlimbs - 1];
+        for (int j = nlimbs - 2; j >= 0; j--)
+            acc = acc * 4294967296.0 + (double)l[j];
+        out[i] = acc * 0x1p-149;
+    }
+}
+
+static PyObject *total(PyObject *self, PyObject *args)
+{
+    unsigned long long limbs, out;
+    Py_ssize_t n, stride;
+    int nlimbs;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKnni", &limbs, &out, &n, &stride, &nlimbs))
+        return NULL;
+    if (nlimbs < 1 || nlimbs > 16) {
+        PyErr_SetString(PyExc_ValueError, "1..16 limbs");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    total_values((const int64_t *)(uintptr_t)limbs, (double *)(uintptr_t)out, n, stride, nlimbs);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *add(PyObject *self, PyObject *args)
 {
     unsigned long long limbs, x;
@@ -52,6 +91,8 @@ static PyObject *add(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"add", add, METH_VARARGS,
      "add(limbs_address, x_address, n, stride, weight): limbs += weight * x for n float32 values (see ExactSum)"},
+    {"total", total, METH_VARARGS,
+     "total(limbs_address, out_address, n, stride, limbs): out = the sum rounded to float64 (see ExactSum.total)"},
     {NULL, NULL, 0, NULL},
 };
 

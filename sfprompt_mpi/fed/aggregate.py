@@ -70,9 +70,9 @@ class ExactSum:
     addition is associative, so the limbs, and :meth:`mean`, are the same for
     any order of :meth:`add` calls. Memory: 80 bytes per coordinate.
 
-    :meth:`add` runs the C loop of ``_exactsum.c`` (without the GIL) where it
-    was built, else :func:`_add_chunk` in torch: the same limbs either way
-    (``use_c`` picks one; the tests compare them).
+    :meth:`add` and :meth:`total` run the C loops of ``_exactsum.c`` (without
+    the GIL) where it was built, else torch (:func:`_add_chunk`): the same limbs
+    and the same total either way (``use_c`` picks one; the tests compare them).
     """
 
     def __init__(self, numel: int, use_c: bool = True) -> None:
@@ -104,6 +104,9 @@ class ExactSum:
     def total(self) -> torch.Tensor:
         """The sum, rounded to float64 (a function of the exact sum alone)."""
         out_F = torch.empty(self.numel, dtype=torch.float64)
+        if self._c is not None:
+            self._c.total(self.limbs_LF.data_ptr(), out_F.data_ptr(), self.numel, self.numel, _LIMBS)
+            return out_F
         for start in range(0, self.numel, _CHUNK):
             limbs = self.limbs_LF[:, start:start + _CHUNK].clone()
             for j in range(_LIMBS - 1):                # carries: limbs 0..8 in [0, 2^32), the top one signed
