@@ -14,12 +14,16 @@ would, in its fastest configuration on a CPU machine:
   ``flwr.simulation.run_simulation`` with Ray, one CPU per client actor;
 - pfl 0.6: ``FederatedAveraging`` over a ``PyTorchModel`` with the local
   optimiser of the run and SGD at lr 1 centrally (the FedAvg update), users
-  weighted by their sample counts, a ``SimulatedBackend`` in this process,
-  pfl's own local loop (batches of the run's size, in the users' order).
+  weighted by their sample counts, a ``SimulatedBackend``, pfl's own local
+  loop (batches of the run's size, in the users' order) and its
+  ``CentralEvaluationCallback``. In one process, or started by torchrun on
+  several (``pfl-torchrun`` in the suite): pfl then shares the cohort's users
+  and the test set among its workers and all-reduces their sums.
 
 A round's time runs from one central evaluation to the next (training,
 aggregation, evaluation), as ``round_s`` does in our runs. The report holds
-the round times and the final test accuracy.
+the round times and the final test accuracy; under torchrun the first
+worker writes it.
 """
 
 from __future__ import annotations
