@@ -1,7 +1,8 @@
 """A client host's HDF5 rows: milliseconds per client row and the memory the writer holds.
 
-``python docs/experiments/metrics/client_rows.py [cache]``: a ``MetricsWriter`` logs 8 series per
-client for 25 and then 200 clients, 5 rounds, one flush per round (as a host does); prints the
+``python docs/experiments/metrics/client_rows.py [cache] [CLIENTS,...]``: a ``MetricsWriter`` logs 8
+series per client for each client count (default 25,200), 5 rounds, one flush per round (as a host
+does); prints the
 milliseconds per client row in each round and how much the process's resident memory grew.
 With ``cache`` the file is opened with HDF5's default chunk cache (1 MB per dataset), as before
 the tenth session; without it, as the writer opens it now (no chunk cache).
@@ -23,10 +24,10 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * 4096 / 1e6
 
 
-def main(cache: bool) -> None:
+def main(cache: bool, counts: list[int]) -> None:
     if cache:
         h5._WRITER = {}
-    for clients in (25, 200):
+    for clients in counts:
         before = rss_mb()
         w = h5.MetricsWriter(tempfile.mkdtemp(), 1, role="client", attrs={})
         per_row = []
@@ -42,4 +43,7 @@ def main(cache: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] == ["cache"])
+    args = sys.argv[1:]
+    cache = bool(args) and args[0] == "cache"
+    rest = args[1:] if cache else args
+    main(cache, [int(c) for c in rest[0].split(",")] if rest else [25, 200])
