@@ -68,18 +68,6 @@ def _open(path: Path, mode: str, **kwargs: Any) -> h5py.File:
 # takes an open dataset from ~97 KB to ~28 KB and a flush of 2000 open series from 57 ms to 7 ms,
 # at the same speed per row (docs/benchmarks.md, tenth session).
 _WRITER = {"rdcc_nbytes": 0}
-# And a small metadata cache: HDF5's adaptive one grew by ~220 MB on a host that reopens thousands
-# of series each round (1000 clients); held at 1-2 MB it grows by ~10 MB, at the same speed.
-_METADATA_CACHE_BYTES = (1 << 20, 2 << 20)
-
-
-def _bound_metadata_cache(f: h5py.File) -> h5py.File:
-    config = f.id.get_mdc_config()
-    config.set_initial_size = True
-    config.initial_size, config.max_size = _METADATA_CACHE_BYTES
-    config.min_size = _METADATA_CACHE_BYTES[0]
-    f.id.set_mdc_config(config)
-    return f
 
 
 def _write_attrs(f: h5py.File, attrs: Mapping[str, Any]) -> None:
@@ -125,7 +113,7 @@ class MetricsWriter:
                 raise UserError(f"metrics file {self.path} already exists; resume that run "
                                 "with --resume or choose a new --run-dir")
             try:
-                self._f = _bound_metadata_cache(_open(self.path, "r+", **_WRITER))
+                self._f = _open(self.path, "r+", **_WRITER)
             except OSError as e:
                 raise UserError(f"cannot open metrics file {self.path} to resume ({e}); "
                                 "move it aside to start its metrics afresh") from e
@@ -137,7 +125,7 @@ class MetricsWriter:
             self._truncate_after(resume_round)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = _bound_metadata_cache(_open(self.path, "w-", **_WRITER))
+            self._f = _open(self.path, "w-", **_WRITER)
         if "events" not in self._f:  # absent too in a file whose creator died at once
             self._f.create_dataset("events", shape=(0,), maxshape=(None,),
                                    dtype=_EVENT_DTYPE, chunks=(64,))
