@@ -1,7 +1,7 @@
 /* The exact sum's inner loops in C: limbs += weight * x, value by value, and the sum rounded.
  *
  * The same arithmetic as ``_add_chunk`` in aggregate.py, which stays the
- * fallback and the oracle (tests/test_aggregate.py checks that both leave the
+ * fallback and the oracle (tests/test_fed.py checks that both leave the
  * same limbs): a float32 x is +-M 2^shift 2^-149 with M < 2^24 and shift in
  * 0..253; v = +-M weight < 2^55 is split at the 32-bit limb boundaries below
  * and above 2^shift and its three parts are added to limbs q, q+1 and q+2
@@ -96,7 +96,7 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_exactsum", "The exact sum's inner loop (see ExactSum).",
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_exactsum", "The exact sum's inner loops (see ExactSum).",
                                     -1, methods};
 
 PyMODINIT_FUNC PyInit__exactsum(void) { return PyModule_Create(&module); }

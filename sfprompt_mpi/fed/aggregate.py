@@ -36,7 +36,7 @@ import torch
 from ..config import AGGREGATORS
 
 try:
-    from . import _exactsum       # the C loop (setup.py); built wherever a C compiler was found at install
+    from . import _exactsum       # the C loops (setup.py); built wherever a C compiler was found at install
 except ImportError:               # pragma: no cover - exercised where the extension is missing
     _exactsum = None
 
