@@ -144,14 +144,14 @@ def run_pfl(argv: list[str]) -> dict[str, Any]:
 
     backend = SimulatedBackend(training_data=data, val_data=None,  # no federated evaluation: central only
                                postprocessors=[WeightByDatapoints()])
+    evaluation = NNEvalHyperParams(local_batch_size=256)
     params = NNAlgorithmParams(central_num_iterations=cfg.fed.rounds, evaluation_frequency=cfg.fed.rounds + 1,
                                train_cohort_size=loop.clients, val_cohort_size=None)
     FederatedAveraging().run(algorithm_params=params, backend=backend, model=model,
                              model_train_params=NNTrainHyperParams(local_num_epochs=cfg.fed.split_epochs,
                                                                    local_learning_rate=cfg.fed.lr,
                                                                    local_batch_size=cfg.fed.batch_size),
-                             model_eval_params=NNEvalHyperParams(local_batch_size=256),
-                             callbacks=[TimedEvaluation(central, NNEvalHyperParams(local_batch_size=256))])
+                             model_eval_params=evaluation, callbacks=[TimedEvaluation(central, evaluation)])
     return {"round_s": clock.rounds(), "test_acc": clock.acc}
 
 
