@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.utils.data import TensorDataset
 
 from sfprompt_mpi.config import build_config
 from sfprompt_mpi.data.datasets import build_data
 from sfprompt_mpi.fed.aggregate import ExactSum, Updates, fedavg, fedavg_flat
-from sfprompt_mpi.fed.training import take_batch
+from sfprompt_mpi.fed.training import LocalTrainer, make_optimizer, take_batch
 from sfprompt_mpi.fed.pruning import el2n_scores, keep_count, select_highest
 from sfprompt_mpi.algorithms import build_algorithm
 from sfprompt_mpi.fed.state import Layout
@@ -146,6 +147,61 @@ def test_streamed_updates_keep_no_vectors_and_equal_the_id_order_mean() -> None:
     assert [c for _, c in kept.in_order()] == counts
     with pytest.raises(ValueError, match="keeps no vectors"):
         streamed.in_order()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_trainer_renews_its_optimiser_bitwise_as_a_new_one(optimizer) -> None:
+    # Prepare: two identical models; one trainer keeps its optimiser between calls, the other
+    # side makes a new one per call (what the trainer did before it kept them).
+    cfg = build_config({"fed": {"optimizer": optimizer, "momentum": 0.9, "weight_decay": 1e-3, "batch_size": 8}})
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(40, 6, generator=gen), torch.randint(0, 3, (40,), generator=gen))
+    kept, fresh = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    fresh.load_state_dict(kept.state_dict())
+    trainer = LocalTrainer(cfg, kept, list(kept.parameters()), data, torch.device("cpu"))
+    # Execute: three calls, the first and third at the same learning rate, each from other parameters.
+    for call, lr in enumerate((0.1, 0.05, 0.1)):
+        with torch.no_grad():
+            for a, b in zip(kept.parameters(), fresh.parameters()):
+                a.add_(call)
+                b.add_(call)
+        trainer.train(kept, np.arange(40), torch.Generator().manual_seed(call), epochs=2, lr=lr, batch_size=8)
+        opt, order = make_optimizer(list(fresh.parameters()), cfg, lr), torch.Generator().manual_seed(call)
+        for _ in range(2):
+            for images, labels in LocalTrainer(cfg, fresh, [], data, torch.device("cpu")).batches(
+                    np.arange(40), order, 8):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(fresh(images), labels).backward()
+                opt.step()
+        # Assert: bitwise the parameters a new optimiser gives, call after call.
+        assert all(torch.equal(a, b) for a, b in zip(kept.parameters(), fresh.parameters())), call
+
+
+def test_layout_loads_and_flattens_a_model_as_its_dict_forms_do() -> None:
+    # Prepare: a model whose trained parameters are all the layout names, and a vector unlike them.
+    cfg = build_config({"fed": {"algo": "fl-full"}})
+    model = build_model(cfg.model, 10, cfg.run.seed, quiet=True)
+    layout = Layout(model, build_algorithm(cfg).trained_names(model))
+    flat_F = torch.randn(layout.numel, generator=torch.Generator().manual_seed(3))
+    twin = copy.deepcopy(model)
+    # Execute: the fast path on one model, the dict path on its twin.
+    assert torch.equal(layout.flatten_model(model), layout.flatten(layout.read(model)))
+    layout.load(model, flat_F)
+    layout.write(twin, layout.unflatten(flat_F))
+    # Assert: the same parameters, and the vector back out of the model.
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert torch.equal(layout.flatten_model(model), flat_F)
+    # A parameter whose memory was replaced (as model.to(...) does) is written, not a stale view of it.
+    first = dict(model.named_parameters())[layout.names[0]]
+    first.data = first.data.clone()
+    layout.load(model, flat_F + 1)
+    assert torch.equal(first.detach().reshape(-1), (flat_F + 1)[:first.numel()])
+    assert torch.equal(layout.flatten_model(model), flat_F + 1)
+    # A copy of the model has its own views: loading it leaves the original as it was.
+    clone = copy.deepcopy(model)
+    layout.load(clone, flat_F)
+    assert torch.equal(layout.flatten_model(model), flat_F + 1)
+    assert torch.equal(layout.flatten_model(clone), flat_F)
 
 
 # -- the real message path -----------------------------------------------------------

@@ -80,7 +80,7 @@ class PlainLoop:
         """Client ``cid``'s round from ``global_F`` -> its trained vector."""
         from ..fed.state import derive_seed
         fed = self.cfg.fed
-        self.layout.write(self.model, self.layout.unflatten(global_F))
+        self.layout.load(self.model, global_F)
         gen = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, rnd, cid))
         shard = self.shards[cid]
         if not self.algo.split:
@@ -125,7 +125,7 @@ class PlainLoop:
     @torch.no_grad()
     def evaluate(self, global_F: torch.Tensor) -> float:
         """Test accuracy of the model with ``global_F``, in batches of 256."""
-        self.layout.write(self.model, self.layout.unflatten(global_F))
+        self.layout.load(self.model, global_F)
         self.model.eval()
         correct = 0
         for s in range(0, len(self.test_y), 256):

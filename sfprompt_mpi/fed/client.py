@@ -172,7 +172,7 @@ class ClientHost:
             full_F = torch.zeros(self.layout.numel, dtype=torch.float32)
             full_F[idx] = global_F
             global_F = full_F
-        self.layout.write(trainer.model, self.layout.unflatten(global_F))
+        self.layout.load(trainer.model, global_F)
         algo = self.algorithm
         remote = None
         if algo.split:

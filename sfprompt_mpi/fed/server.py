@@ -123,7 +123,7 @@ class Server:
         new_F, agg_stats = self.algorithm.aggregate(rnd, global_F, updates, selected=len(selected),
                                                     num_clients=self.num_clients)
         self.global_state = self.layout.unflatten(new_F)
-        self.layout.write(self.model, self.global_state)
+        self.layout.load(self.model, new_F)
         counts = self.transport.counter.snapshot_and_reset()  # before the next round's messages
         if start_next:
             why = self._stop_before(rnd + 1, time.perf_counter() - t_round)
