@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -202,6 +203,10 @@ def test_layout_loads_and_flattens_a_model_as_its_dict_forms_do() -> None:
     layout.load(clone, flat_F)
     assert torch.equal(layout.flatten_model(model), flat_F + 1)
     assert torch.equal(layout.flatten_model(clone), flat_F)
+    # A pickled layout (Ray sends one to Flower's clients in `bench peers`) leaves its views behind.
+    sent = pickle.loads(pickle.dumps(layout))
+    sent.load(clone, flat_F - 1)
+    assert torch.equal(sent.flatten_model(clone), flat_F - 1) and sent.names == layout.names
 
 
 # -- the real message path -----------------------------------------------------------

@@ -80,10 +80,24 @@ def run_flower(argv: list[str]) -> dict[str, Any]:
         clock.mark(acc)
         return MetricRecord({"accuracy": acc})
 
+    failed: list[str] = []
+
+    class EveryReply(FedAvg):
+        """FedAvg that notes a round whose clients did not all reply: Flower logs a client's error
+        and aggregates the rest, which would time a round that trained nothing."""
+
+        def aggregate_train(self, server_round: int, replies):
+            replies = list(replies)
+            errors = [m.error.reason for m in replies if m.has_error()]
+            if errors or len(replies) < loop.clients:
+                failed.append(f"round {server_round}: {len(replies) - len(errors)} of {loop.clients} Flower "
+                              f"clients replied ({errors[0] if errors else 'the others never did'})")
+            return super().aggregate_train(server_round, replies)
+
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=loop.clients,
-                          min_train_nodes=loop.clients)
+        strategy = EveryReply(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=loop.clients,
+                              min_train_nodes=loop.clients)
         strategy.start(grid=grid, initial_arrays=ArrayRecord(loop.layout.read(loop.model)),
                        num_rounds=cfg.fed.rounds, evaluate_fn=evaluate)
 
@@ -91,6 +105,8 @@ def run_flower(argv: list[str]) -> dict[str, Any]:
                "init_args": {"logging_level": "ERROR", "log_to_driver": False}}
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=loop.clients,
                    backend_config=backend)
+    if failed:
+        raise RuntimeError(f"the Flower job failed: {failed[0]}")
     return {"round_s": clock.rounds(), "test_acc": clock.acc}
 
 

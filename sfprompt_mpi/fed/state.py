@@ -36,6 +36,12 @@ class Layout:
         self._views: weakref.WeakKeyDictionary[torch.nn.Module, tuple[list[torch.Tensor], list[torch.Tensor]]] = \
             weakref.WeakKeyDictionary()
 
+    def __getstate__(self) -> dict:  # the views stay behind: a copy in another process keeps its own
+        return {k: v for k, v in self.__dict__.items() if k != "_views"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _views=weakref.WeakKeyDictionary())
+
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """-> ``flat_F`` float32 on CPU."""
         return torch.cat([tensors[n].detach().reshape(-1).to("cpu", torch.float32) for n in self.names])
