@@ -75,27 +75,6 @@ def test_many_series_keep_few_open_and_every_row(tmp_path, monkeypatch):
     np.testing.assert_array_equal(rows["clients/3/kept"][1], [[3, 1], [3, 2], [3, 3]])
 
 
-def test_rows_logged_without_a_flush_are_held_as_copies_until_the_next_flush(tmp_path):
-    # Prepare: an array its caller goes on changing after logging it
-    w = _writer(tmp_path, 1, "client")
-    kept = np.array([1.0, 2.0])
-    # Execute: two unflushed rows, then an event (which flushes), then one more row and close
-    w.log({"clients/0/kept": kept}, step=1, flush=False)
-    kept[0] = 99.0
-    w.log({"clients/0/kept": kept, "clients/0/loss": 0.5}, step=2, flush=False)
-    assert not [k for k in read_metrics(rank_file(tmp_path, 1)) if k.startswith("clients/")]  # held, not written
-    w.event(2, "dropout", "client 1 left")
-    after_event = read_metrics(rank_file(tmp_path, 1))
-    w.log({"clients/0/loss": 0.25}, step=3, flush=False)
-    w.close()
-    # Assert: the rows as they were logged, in order, on disk after the event and after close
-    np.testing.assert_array_equal(after_event["clients/0/kept"][1], [[1, 2], [99, 2]])
-    np.testing.assert_array_equal(after_event["clients/0/kept"][0], [1, 2])
-    rows = read_metrics(rank_file(tmp_path, 1))
-    np.testing.assert_array_equal(rows["clients/0/loss"][0], [2, 3])
-    np.testing.assert_allclose(rows["clients/0/loss"][1], [0.5, 0.25])
-
-
 def test_writer_keeps_no_chunk_cache_and_a_reader_sees_every_row(tmp_path):
     # Prepare: scalar, fixed and changing-length series, written with HDF5's chunk cache off
     w = _writer(tmp_path, 1, "client")

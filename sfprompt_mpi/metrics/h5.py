@@ -15,9 +15,8 @@ Layout of ``RUN_DIR/metrics/rankNNNNN.h5`` (``SCHEMA_VERSION`` 1)::
 
 A key is a ``/``-separated path ("test_acc", "bytes_sent/acts",
 "clients/3/local_loss"); ``step`` is the round. Each call to
-:meth:`MetricsWriter.log` or :meth:`MetricsWriter.event` appends and flushes
-(a log told not to flush is held in memory and written at the next flush), so a
-crash loses at most the round in progress.
+:meth:`MetricsWriter.log` or :meth:`MetricsWriter.event` appends and flushes,
+so a crash loses at most the round in progress.
 
 ``RUN_DIR/run.h5`` holds relative external links ``rankNNNNN ->
 metrics/rankNNNNN.h5:/`` and rank 0's run-wide attrs plus ``world_size``.
@@ -109,11 +108,6 @@ class MetricsWriter:
         # virtual clients logs 8 series per client (5000 clients: 2.2 GB, all open).
         self._series: collections.OrderedDict[str, tuple[h5py.Dataset, h5py.Dataset]] = collections.OrderedDict()
         self._kinds: dict[str, str] = {}  # attr reads are slow; cache each key's kind
-        # Rows logged without a flush, written at the next flush: a host writes its clients' rows
-        # in one go at the round's end instead of one client at a time between their trainings,
-        # where HDF5's code ran cold (2.5 ms per client there, 1 ms in a row). What a crash loses
-        # is the same: rows not yet flushed.
-        self._held: list[tuple[dict[str, np.ndarray], int]] = []
         if self.path.exists():
             if resume_round is None:
                 raise UserError(f"metrics file {self.path} already exists; resume that run "
@@ -147,24 +141,25 @@ class MetricsWriter:
         """Append ``metrics`` (key -> scalar or 1-D array) for round ``step``; flush unless told not to.
 
         Several logs of one round may skip the flush when the round's last one
-        flushes: they are held (copied) until then, and a crash loses at most the
-        round in progress."""
+        flushes: a crash then loses at most the round in progress."""
         self._check_open()
-        arrays = {key: np.array(raw, dtype=np.float64) for key, raw in metrics.items()}  # copies: held until a flush
+        arrays = {key: np.asarray(raw, dtype=np.float64) for key, raw in metrics.items()}
         for key, value in arrays.items():  # check all before writing any
             if value.ndim > 1:
                 raise ValueError(f"metric {key!r}: scalars and 1-D arrays only, not {value.shape}")
             if key not in self._series:
                 _check_key(key)
-        self._held.append((arrays, step))
+        step_1 = np.array([step], dtype=np.int64)
+        for key, value in arrays.items():
+            steps, values = self._series_for(key, value)
+            _append(self._fit(key, values, value), value)
+            _append(steps, step_1[0])
         if flush:
-            self._write_held()
             self._f.flush()
 
     def event(self, step: int, kind: str, text: str) -> None:
         """Append a row (step, kind, text) to ``/events``, e.g. a dropout; flush."""
         self._check_open()
-        self._write_held()
         ds = self._f["events"]
         n = ds.shape[0]
         ds.resize((n + 1,))
@@ -174,7 +169,6 @@ class MetricsWriter:
     def close(self) -> None:
         """Flush and close the file; later calls do nothing."""
         if getattr(self, "_f", None) is not None and self._f.id.valid:
-            self._write_held()
             self._f.flush()
             self._f.close()
         self._series.clear()
@@ -190,16 +184,6 @@ class MetricsWriter:
     def _check_open(self) -> None:
         if not self._f.id.valid:
             raise ValueError(f"metrics file {self.path} is closed")
-
-    def _write_held(self) -> None:
-        """Append the rows held since the last flush, in the order they were logged."""
-        held, self._held = self._held, []
-        for arrays, step in held:
-            step_1 = np.array([step], dtype=np.int64)
-            for key, value in arrays.items():
-                steps, values = self._series_for(key, value)
-                _append(self._fit(key, values, value), value)
-                _append(steps, step_1[0])
 
     def _series_for(self, key: str, first: np.ndarray) -> tuple[h5py.Dataset, h5py.Dataset]:
         found = self._series.get(key)
