@@ -54,7 +54,8 @@ class Layout:
     def load(self, model: torch.nn.Module, flat_F: torch.Tensor) -> None:
         """Copy ``flat_F`` into the model's trained parameters (:meth:`write` of :meth:`unflatten`). In place."""
         views = self._flat_views(model)
-        torch._foreach_copy_(views, flat_F.to(views[0].device).split(self.sizes))
+        if views:
+            torch._foreach_copy_(views, flat_F.to(views[0].device).split(self.sizes))
 
     def unflatten(self, flat_F: torch.Tensor) -> dict[str, torch.Tensor]:
         chunks = torch.split(flat_F, self.sizes)

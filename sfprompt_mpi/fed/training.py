@@ -72,7 +72,7 @@ class LocalTrainer:
         self.trainable = trainable
         self.dataset = dataset
         self.device = device
-        self._optimizers: dict[float, torch.optim.Optimizer] = {}  # per learning rate, renewed at each use
+        self._opt: torch.optim.Optimizer | None = None  # renewed at each use (see _optimizer)
 
     def batches(self, indices: np.ndarray, generator: torch.Generator | None,
                 batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -102,10 +102,11 @@ class LocalTrainer:
 
     def _optimizer(self, lr: float) -> torch.optim.Optimizer:
         """A new optimiser over the trainable parameters at ``lr``, as :func:`make_optimizer` makes
-        it: the one made before for this ``lr``, renewed (:func:`renew_optimizer`)."""
-        opt = self._optimizers.get(lr)
-        if opt is None:
-            opt = self._optimizers[lr] = make_optimizer(self.trainable, self.cfg, lr)
-        else:
-            renew_optimizer(opt)
-        return opt
+        it: the one made before, renewed (:func:`renew_optimizer`) and set to ``lr``."""
+        if self._opt is None:
+            self._opt = make_optimizer(self.trainable, self.cfg, lr)
+            return self._opt
+        renew_optimizer(self._opt)
+        for group in self._opt.param_groups:
+            group["lr"] = lr
+        return self._opt
