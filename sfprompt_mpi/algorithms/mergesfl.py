@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..fed.body import MergedBody, TrainedBody
 from ..fed.mailbox import Rejected
 from ..fed.state import derive_seed
-from ..fed.training import make_optimizer, take_batch
+from ..fed.training import take_batch
 from ..simclock import transfer_s
 from .base import SPLIT_SETTINGS, ClientRound, ClientSettings, ClientsView
 from .splitfed import SplitFedFull
@@ -146,7 +146,7 @@ class MergeSFL(SplitFedFull):
 
     def client_round(self, ctx: ClientRound) -> dict[str, float]:
         """Without merging: ``--iterations`` split steps, one client at a time."""
-        opt = make_optimizer(ctx.trainer.trainable, self.cfg, ctx.settings.lr)
+        opt = ctx.trainer.optimizer(ctx.settings.lr)
         ctx.model.train()
         t0, losses = time.perf_counter(), []
         for images, labels in self._batches(ctx):
@@ -160,7 +160,7 @@ class MergeSFL(SplitFedFull):
 
     def client_rounds(self, ctxs: dict[int, ClientRound]) -> dict[int, dict[str, float]]:
         """With merging: every iteration, each client's activations go out before any reply is awaited."""
-        live = {cid: _Lockstep(ctx, make_optimizer(ctx.trainer.trainable, self.cfg, ctx.settings.lr),
+        live = {cid: _Lockstep(ctx, ctx.trainer.optimizer(ctx.settings.lr),
                                self._batches(ctx)) for cid, ctx in sorted(ctxs.items())}
         t0 = time.perf_counter()
         for _ in range(self.cfg.fed.iterations):

@@ -72,7 +72,7 @@ class LocalTrainer:
         self.trainable = trainable
         self.dataset = dataset
         self.device = device
-        self._opt: torch.optim.Optimizer | None = None  # renewed at each use (see _optimizer)
+        self._opt: torch.optim.Optimizer | None = None  # renewed at each use (see optimizer)
 
     def batches(self, indices: np.ndarray, generator: torch.Generator | None,
                 batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -84,7 +84,7 @@ class LocalTrainer:
     def train(self, forward: Callable[[torch.Tensor], torch.Tensor], indices: np.ndarray,
               generator: torch.Generator, *, epochs: int, lr: float, batch_size: int) -> tuple[float, float]:
         """``epochs`` epochs of cross-entropy on ``forward(images)``; -> (mean loss, accuracy)."""
-        opt = self._optimizer(lr)
+        opt = self.optimizer(lr)
         if not self.model.training:  # the code sets modes on whole models only; setting them again walks
             self.model.train()       # every module (1.5 ms per client round on the micro ViT)
         total, correct, seen = 0.0, 0, 0
@@ -100,7 +100,7 @@ class LocalTrainer:
                 seen += len(labels)
         return total / max(seen, 1), correct / max(seen, 1)
 
-    def _optimizer(self, lr: float) -> torch.optim.Optimizer:
+    def optimizer(self, lr: float) -> torch.optim.Optimizer:
         """A new optimiser over the trainable parameters at ``lr``, as :func:`make_optimizer` makes
         it: the one made before, renewed (:func:`renew_optimizer`) and set to ``lr``."""
         if self._opt is None:
