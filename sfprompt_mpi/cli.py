@@ -20,6 +20,7 @@ the interpreter's teardown (0.6-1 s of CPU in a process that imported torch,
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
@@ -42,11 +43,11 @@ def main_guard(work: Callable[[list[str] | None], int], argv: list[str] | None,
     """``work(argv)`` -> its exit code, with user errors, stops and faults ended as the module doc says."""
     where = where or Where()
     try:
-        return work(argv)
+        return _decided(work(argv), where)
     except UserError as exc:
         if where.rank == 0:
             print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _decided(EXIT_USER_ERROR, where)
     except RunStopped as exc:  # e.g. too few clients survived a round: one line, no traceback
         sys.stderr.write(f"[r{where.rank:02d}] stopped: {exc}\n")
         sys.stderr.flush()
@@ -62,6 +63,16 @@ def main_guard(work: Callable[[list[str] | None], int], argv: list[str] | None,
         if not where.mpi:
             raise
         return abort_job(where.rank, exc, _comm_world())
+
+
+def _decided(code: int, where: Where) -> int:
+    """``code``; a rank of several leaving with a non-zero one ignores SIGTERM and SIGUSR1 from here:
+    srun --kill-on-bad-exit signals the ranks still running once one exits non-zero, and each must
+    still end with the code the job agreed on (2 or 4), not 143."""
+    if code and where.mpi:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+    return code
 
 
 def abort_job(rank: int, exc: BaseException, comm: Any) -> int:

@@ -402,9 +402,14 @@ def _run_mpi(cfg, world, model, layout, data, hosts, run_dir, global_state, star
             stopped = None
     finally:
         transport.close()
-    # Every rank learns the outcome from rank 0, after rank 0 has written everything: all exit alike
-    # (srun --kill-on-bad-exit ends the others as soon as one rank exits non-zero).
-    return world.comm.bcast(stopped, root=0)
+    # Every rank learns the outcome from rank 0, after rank 0 has written everything: all exit alike.
+    stopped = world.comm.bcast(stopped, root=0)
+    if stopped is not None and stopper is not None:
+        # srun --kill-on-bad-exit sends SIGTERM to the ranks still running once one exits 4: from here
+        # each keeps its handler (Stopper.close), and none leaves before every rank has got that far
+        stopper.request(f"stopped after round {stopped[0]}")
+        world.comm.Barrier()
+    return stopped
 
 
 def _summary(cfg: Config, server: Server, run_dir: Path) -> None:

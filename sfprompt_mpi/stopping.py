@@ -76,7 +76,7 @@ class Stopper:
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.reason is not None:
-            sys.stderr.write(f"[r{self.rank:02d}] {name} again: already stopping after the round in progress\n")
+            sys.stderr.write(f"[r{self.rank:02d}] {name}: already stopping ({self.reason}); it changes nothing\n")
             return
         self.reason = f"{name} to rank {self.rank}"
         sys.stderr.write(f"[r{self.rank:02d}] {name}: the run stops after the round in progress\n")

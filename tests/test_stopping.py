@@ -70,7 +70,8 @@ def test_signal_sets_the_request_once_and_a_second_changes_nothing(capfd):
         stopper.close()
     assert stopper.reason == "SIGUSR1 to rank 0"
     err = capfd.readouterr().err
-    assert "SIGUSR1: the run stops after the round in progress" in err and "SIGTERM again" in err
+    assert "SIGUSR1: the run stops after the round in progress" in err
+    assert "SIGTERM: already stopping (SIGUSR1 to rank 0); it changes nothing" in err, err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
 
@@ -136,13 +137,26 @@ def test_sigterm_to_one_client_rank_stops_the_whole_job_cleanly_and_the_same_com
     assert proc.returncode == EXIT_CONTINUE, (proc.returncode, output[-3000:])
     assert ended_after < 60 and 1 <= stopped_at < rounds, (ended_after, stopped_at, output[-3000:])
     assert "Traceback" not in output and output.count("[r00] stopped after round") == 1, output[-3000:]
-    assert "SIGTERM to rank 2" in output and "[r02] SIGTERM again" in output, output[-3000:]
+    assert "SIGTERM to rank 2" in output and "[r02] SIGTERM: already stopping" in output, output[-3000:]
     # ... and the same command continues it to the end of an uninterrupted run
     resumed = helpers.launch(slowed, ranks=3, timeout=200)
     assert resumed.returncode == 0, resumed.report()
     assert f"resuming {run_dir} after round {stopped_at}" in resumed.output, resumed.report()
     assert main(COMMON + ["--rounds", str(rounds), "--run-dir", str(whole)]) == 0
     assert_continued_like_uninterrupted(run_dir, whole, rounds, ranks=3)
+
+
+@pytest.mark.mpi
+def test_a_stopped_job_exits_4_on_every_rank_though_each_is_signalled_on_its_way_out(tmp_path):
+    # Prepare: a budget no second round fits in; every rank sends itself SIGTERM once its Stopper is
+    # closed, as srun --kill-on-bad-exit does to the ranks still running once the first has exited 4
+    args = [*COMMON, "--rounds", "3", "--run-dir", str(tmp_path / "run"), "--time-budget", "0.001"]
+    # Execute
+    job = helpers.launch(args, ranks=3, script=[helpers.__file__, "--signal-on-the-way-out"])
+    # Assert: 4 from every rank (mpiexec reports the largest code; a rank killed by the signal makes it
+    # 143 or 15), each saying that the signal changed nothing
+    assert job.returncode == EXIT_CONTINUE, job.report()
+    assert job.output.count("SIGTERM: already stopping (stopped after round 1)") == 3, job.report()
 
 
 def test_an_explicit_resume_says_that_it_ignores_config(tmp_path, capsys):

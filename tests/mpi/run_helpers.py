@@ -8,7 +8,11 @@ a flag cannot express:
 
 runs the single-process reference run with client CLIENT left out of the
 selection of round ROUND, i.e. what an MPI run in which the server rejected
-that client in that round should equal.
+that client in that round should equal, and for a run whose ranks each get
+SIGTERM after their Stopper is closed (what srun --kill-on-bad-exit does to
+the ranks still running once one has exited):
+
+    python tests/mpi/run_helpers.py --signal-on-the-way-out [sfprompt_mpi.run flags...]
 """
 
 from __future__ import annotations
@@ -162,8 +166,27 @@ def _run_without(round_client: str, argv: list[str]) -> int:
     return main(argv)
 
 
+def _run_signalled_on_the_way_out(argv: list[str]) -> int:
+    """``sfprompt_mpi.run``, each rank sending itself SIGTERM once its Stopper is closed, as srun
+    --kill-on-bad-exit signals the ranks still running once one has exited non-zero."""
+    from sfprompt_mpi.run import main
+    from sfprompt_mpi.stopping import Stopper
+
+    close = Stopper.close
+
+    def close_then_signal(self: Stopper) -> None:
+        close(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # a Python handler runs between bytecodes; the default action at once
+
+    Stopper.close = close_then_signal
+    return main(argv)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] != "--without":
-        sys.exit(__doc__)
     from sfprompt_mpi.cli import end_process
-    end_process(_run_without(sys.argv[2], sys.argv[3:]))
+    if len(sys.argv) >= 3 and sys.argv[1] == "--without":
+        end_process(_run_without(sys.argv[2], sys.argv[3:]))
+    if len(sys.argv) >= 2 and sys.argv[1] == "--signal-on-the-way-out":
+        end_process(_run_signalled_on_the_way_out(sys.argv[2:]))
+    sys.exit(__doc__)
