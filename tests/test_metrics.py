@@ -75,6 +75,68 @@ def test_many_series_keep_few_open_and_every_row(tmp_path, monkeypatch):
     np.testing.assert_array_equal(rows["clients/3/kept"][1], [[3, 1], [3, 2], [3, 3]])
 
 
+def test_clients_scalars_go_to_one_table_per_name_and_read_back_as_series(tmp_path):
+    # Prepare: a host of 5 clients, 3 rounds; client 4 skips round 2; one array stat stays a series
+    w = _writer(tmp_path, 1, "client")
+    for r in (1, 2, 3):
+        for cid in range(5):
+            if (r, cid) != (2, 4):
+                w.log({f"clients/{cid}/loss": r + cid / 10, f"clients/{cid}/time/train": 0.5 * cid,
+                       f"clients/{cid}/kept": [cid, r]}, step=r, flush=False)
+        with h5py.File(rank_file(tmp_path, 1), "r", locking=False) as f:
+            held = len(f["clients/loss/client"]) if "clients/loss" in f else 0
+        w.log({"peak_mem_mb": 1.0}, step=r)  # the round's row writes the held rows
+        # Assert (as it runs): nothing of the round is in the file before its flush, all of it after
+        assert held == (0, 5, 9)[r - 1], (r, held)
+    w.close()
+    # Assert: one table per scalar name, a row per client and round; the array stat per client
+    with h5py.File(rank_file(tmp_path, 1), "r") as f:
+        table = {c: f[f"clients/time/train/{c}"][...] for c in ("step", "client", "value")}
+        per_client = sorted(k for k in f["clients"] if k.isdigit())
+        assert "loss" not in f["clients/3"] and "kept" in f["clients/3"]
+    assert table["step"].tolist() == [1] * 5 + [2] * 4 + [3] * 5
+    assert table["client"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2, 3, 4]
+    assert per_client == ["0", "1", "2", "3", "4"]
+    rows = read_metrics(rank_file(tmp_path, 1))
+    np.testing.assert_array_equal(rows["clients/4/loss"][0], [1, 3])
+    np.testing.assert_allclose(rows["clients/4/loss"][1], [1.4, 3.4])
+    np.testing.assert_allclose(rows["clients/2/time/train"][1], [1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(rows["clients/2/kept"][1], [[2, 1], [2, 2], [2, 3]])
+    link_rank_files(tmp_path, 2)  # through run.h5: the same series under the rank's prefix
+    through = read_metrics(tmp_path / "run.h5")
+    np.testing.assert_array_equal(through["rank00001/clients/4/loss"][1], rows["clients/4/loss"][1])
+
+
+def test_a_schema_1_file_resumed_reads_as_one_series_per_client(tmp_path):
+    # Prepare: a schema-1 host file (every client's scalar a series of its own) with rounds 1-3
+    path = rank_file(tmp_path, 1)
+    path.parent.mkdir(parents=True)
+    with h5py.File(path, "w") as f:
+        f.attrs["schema_version"] = 1
+        for cid in (0, 1):
+            f.create_dataset(f"clients/{cid}/loss/step", data=[1, 2, 3], maxshape=(None,), chunks=(256,))
+            f.create_dataset(f"clients/{cid}/loss/value", data=[1.0 + cid, 2.0 + cid, 3.0 + cid],
+                             maxshape=(None,), chunks=(256,)).attrs["kind"] = "scalar"
+    # Execute: resumed after round 2 (round 3 never completed), rounds 3 and 4 logged anew
+    with _writer(tmp_path, 1, "client", resume_round=2) as w:
+        for r in (3, 4):
+            w.log({"clients/0/loss": 10.0 * r, "clients/1/loss": 20.0 * r}, step=r)
+    # Assert: each client's series holds every round once, in order
+    rows = read_metrics(path)
+    np.testing.assert_array_equal(rows["clients/1/loss"][0], [1, 2, 3, 4])
+    np.testing.assert_allclose(rows["clients/1/loss"][1], [2.0, 3.0, 60.0, 80.0])
+    np.testing.assert_allclose(rows["clients/0/loss"][1], [1.0, 2.0, 30.0, 40.0])
+
+
+def test_a_client_stat_keeps_its_kind(tmp_path):
+    with _writer(tmp_path, 1, "client") as w:
+        w.log({"clients/0/loss": 1.0}, step=1)
+        with pytest.raises(ValueError, match="logged as scalar"):
+            w.log({"clients/1/loss": [1.0, 2.0]}, step=1)
+        with pytest.raises(ValueError, match="reserved"):
+            w.log({"clients/1/client": 1.0}, step=1)
+
+
 def test_writer_keeps_no_chunk_cache_and_a_reader_sees_every_row(tmp_path):
     # Prepare: scalar, fixed and changing-length series, written with HDF5's chunk cache off
     w = _writer(tmp_path, 1, "client")
