@@ -18,6 +18,7 @@ from sfprompt_mpi.data.datasets import build_data
 from sfprompt_mpi.fed.aggregate import ExactSum, Updates, fedavg, fedavg_flat
 from sfprompt_mpi.fed.training import LocalTrainer, make_optimizer, take_batch
 from sfprompt_mpi.fed.pruning import el2n_scores, keep_count, select_highest
+from sfprompt_mpi.fed.serving import Owing
 from sfprompt_mpi.algorithms import build_algorithm
 from sfprompt_mpi.fed.state import Layout
 from sfprompt_mpi.metrics.h5 import read_metrics
@@ -176,6 +177,26 @@ def test_a_trainer_renews_its_optimiser_bitwise_as_a_new_one(optimizer) -> None:
                 opt.step()
         # Assert: bitwise the parameters a new optimiser gives, call after call.
         assert all(torch.equal(a, b) for a, b in zip(kept.parameters(), fresh.parameters())), call
+
+
+def test_owing_clients_are_the_ones_still_in_without_an_update_in_id_order_with_their_hosts() -> None:
+    # Prepare: 40 clients on 3 hosts, chosen out of order; updates and departures in a random order
+    host_of = {c: 1 + c % 3 for c in range(40)}
+    chosen = list(np.random.default_rng(0).permutation(40)[:30])
+    owing, active, updated = Owing(chosen, host_of), set(chosen), set()
+    for step, cid in enumerate(np.random.default_rng(1).choice(40, 60)):
+        # Execute: an update arrives, or (every third event) the client leaves; settled twice at times
+        if step % 3:
+            updated.add(cid)
+        else:
+            active.discard(cid)
+        owing.settle(int(cid))
+        if step % 5 == 0:
+            owing.settle(int(cid))
+        # Assert: what the server used to recompute after every message
+        expected = sorted(active - updated)
+        assert owing.ids == expected and len(owing) == len(expected) and bool(owing) == bool(expected)
+        assert owing.hosts() == {host_of[c] for c in expected}
 
 
 def test_layout_loads_and_flattens_a_model_as_its_dict_forms_do() -> None:

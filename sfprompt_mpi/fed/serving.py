@@ -12,6 +12,8 @@ client-id order.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,6 +41,38 @@ class Group:
     grads: dict[int, torch.Tensor] = field(default_factory=dict)  # member index -> dL/dout
 
 
+class Owing:
+    """The clients of an attempt that still owe their update, kept as updates arrive and clients leave.
+
+    The server asks after every message who is still owing (the first in id order, their hosts, a few
+    ids for the wait's description): kept in order instead of recomputed, that costs a few operations
+    per message rather than a sort of every client of the round (a sixth of the server's time with
+    5000 clients, ``docs/benchmarks.md``, twelfth session).
+    """
+
+    def __init__(self, clients: list[int], host_of: dict[int, int]) -> None:
+        self.ids = sorted(set(clients))
+        self._host_of = host_of
+        self._per_host = collections.Counter(host_of[c] for c in self.ids)
+
+    def settle(self, cid: int) -> None:
+        """Client ``cid`` owes nothing any more (its update arrived, or it left); again: nothing."""
+        i = bisect.bisect_left(self.ids, cid)
+        if i < len(self.ids) and self.ids[i] == cid:
+            del self.ids[i]
+            host = self._host_of[cid]
+            self._per_host[host] -= 1
+            if not self._per_host[host]:
+                del self._per_host[host]
+
+    def hosts(self) -> set[int]:
+        """The host ranks of the owing clients."""
+        return set(self._per_host)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 @dataclass
 class Attempt:
     """The state of one round attempt on the server."""
@@ -46,6 +80,7 @@ class Attempt:
     want: Expected
     updates: Updates
     active: set[int]                                   # clients still in the attempt
+    owing: Owing                                       # those of them whose update has not arrived
     heard: dict[int, float]                            # host rank -> when it last sent something
     next_ping: float                                   # when the hosts hear the next KEEPALIVE
     pending: list[Message] = field(default_factory=list)           # ACTS awaiting a body pass
@@ -60,10 +95,6 @@ class Attempt:
     update_bytes: dict[int, int] = field(default_factory=dict)
     stat: dict[str, float] = field(default_factory=lambda: {"fwd": 0.0, "bwd": 0.0, "wait": 0.0, "passes": 0,
                                                             "samples": 0})
-
-    def missing(self) -> list[int]:
-        """Clients still in the attempt that have not sent their update."""
-        return sorted(self.active - self.updates.counts.keys())
 
     def awaiting(self, cid: int, step: int) -> tuple[int, ...] | None:
         """Shape of client ``cid``'s activations of ``step`` whose body output awaits a gradient."""
@@ -101,8 +132,9 @@ class BodyService:
         that an idle host never gives up on a server that is waiting for others.
         """
         now = time.monotonic()
-        a = Attempt(want, updates, set(want.chosen), {rank: now for rank in self.hosts}, now + self.timeout / 2)
-        while a.missing():
+        a = Attempt(want, updates, set(want.chosen), Owing(want.chosen, self.host_of), {rank: now for rank in self.hosts},
+                    now + self.timeout / 2)
+        while a.owing:
             msg = self._next(a)
             if msg is not None:
                 self._handle(a, msg)
@@ -116,16 +148,16 @@ class BodyService:
         if not a.pending:
             return False
         if self.body.policy == "merge":
-            return {m.header.client for m in a.pending} >= set(a.missing())
+            return len(a.pending) >= len(a.owing) and {m.header.client for m in a.pending} >= set(a.owing.ids)
         return self.body.trains or len(a.pending) >= self.server_batch or not self.transport.poll()
 
     def _next(self, a: Attempt) -> Message | None:
         """The next client message, or None after a wait that ended in a timeout or a KEEPALIVE."""
-        missing = a.missing()
+        missing = a.owing.ids
         # A trained body serves one client at a time, in id order; the others' messages wait in MPI.
         in_turn = self.body.policy == "in_turn"
         source = self.host_of[missing[0]] if in_turn else ANY_SOURCE
-        owing = {self.host_of[missing[0]]} if in_turn else {self.host_of[c] for c in missing}
+        owing = {self.host_of[missing[0]]} if in_turn else a.owing.hosts()
         due = min(min(a.heard[r] for r in owing) + self.timeout, a.next_ping)
         t0 = time.perf_counter()
         msg = None
@@ -135,7 +167,7 @@ class BodyService:
         except PayloadTimeout:
             raise
         except TimeoutError:
-            self._drop_silent(a, owing, missing)
+            self._drop_silent(a, owing, list(missing))
         a.stat["wait"] += time.perf_counter() - t0
         if time.monotonic() >= a.next_ping:  # also while others keep the server busy (a trained body serves in turn)
             for rank in self.hosts:
@@ -167,6 +199,7 @@ class BodyService:
                 self._backward(a, a.groups.pop(gid))
         elif kind == Kind.UPDATE:
             a.updates.add(h.client, msg.payload, h.aux)
+            a.owing.settle(h.client)
             a.update_bytes[h.client] = HEADER_BYTES + h.nbytes
 
     def _drop_silent(self, a: Attempt, owing: set[int], missing: list[int]) -> None:
@@ -192,6 +225,7 @@ class BodyService:
     def _leave(self, a: Attempt, cid: int, step: int) -> None:
         """Client ``cid`` leaves the attempt: its host is told (REJECT), nothing of it is served any more."""
         a.active.discard(cid)
+        a.owing.settle(cid)
         self.transport.send(self.host_of[cid], Kind.REJECT, round=a.want.round, attempt=a.want.attempt, client=cid,
                             step=step)
         a.pending[:] = [m for m in a.pending if m.header.client != cid]
