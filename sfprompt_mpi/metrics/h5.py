@@ -25,8 +25,8 @@ the next flush (the host's round row) and written with its round's other
 clients' rows in one append; :func:`read_metrics` gives it back as the series
 ``clients/<id>/<name>``. A host of C clients thus keeps a few tables instead
 of some 8 x C series, each a group of two datasets (schema 1, still read:
-16 ms per client to create in its first round, 1.4-4 ms per client and round
-to append, a metadata cache of about 60 KB per client).
+12-15 ms per client to create in its first round, 1-5 ms per client and round
+to append, about 90 KB of metadata cache per client).
 
 ``RUN_DIR/run.h5`` holds relative external links ``rankNNNNN ->
 metrics/rankNNNNN.h5:/`` and rank 0's run-wide attrs plus ``world_size``.
