@@ -46,7 +46,7 @@ class Owing:
 
     The server asks after every message who is still owing (the first in id order, their hosts, a few
     ids for the wait's description): kept in order instead of recomputed, that costs a few operations
-    per message rather than a sort of every client of the round (a sixth of the server's time with
+    per message rather than a sort of every client of the round (a fifth of the server's time with
     5000 clients, ``docs/benchmarks.md``, twelfth session).
     """
 
@@ -132,8 +132,8 @@ class BodyService:
         that an idle host never gives up on a server that is waiting for others.
         """
         now = time.monotonic()
-        a = Attempt(want, updates, set(want.chosen), Owing(want.chosen, self.host_of), {rank: now for rank in self.hosts},
-                    now + self.timeout / 2)
+        a = Attempt(want, updates, set(want.chosen), Owing(want.chosen, self.host_of),
+                    {rank: now for rank in self.hosts}, now + self.timeout / 2)
         while a.owing:
             msg = self._next(a)
             if msg is not None:
@@ -167,7 +167,7 @@ class BodyService:
         except PayloadTimeout:
             raise
         except TimeoutError:
-            self._drop_silent(a, owing, list(missing))
+            self._drop_silent(a, owing, list(missing))  # a copy: dropping clients settles them
         a.stat["wait"] += time.perf_counter() - t0
         if time.monotonic() >= a.next_ping:  # also while others keep the server busy (a trained body serves in turn)
             for rank in self.hosts:
