@@ -1,8 +1,8 @@
 """A client host's HDF5 rows: milliseconds per client row and the memory the writer holds.
 
 ``python docs/experiments/metrics/client_rows.py [cache] [CLIENTS,...]``: a ``MetricsWriter`` logs 8
-series per client for each client count (default 25,200), 5 rounds, one flush per round (as a host
-does); prints the
+scalar stats per client for each client count (default 25,200), 5 rounds, one flush per round (as a
+host does): 8 series per client in metrics schema 1, 8 tables in schema 2; prints the
 milliseconds per client row in each round and how much the process's resident memory grew.
 With ``cache`` the file is opened with HDF5's default chunk cache (1 MB per dataset), as before
 the tenth session; without it, as the writer opens it now (no chunk cache).
