@@ -392,25 +392,28 @@ def read_metrics(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             key = prefix + name
             columns = [obj.get(n) for n in _TABLE]
             if all(isinstance(c, h5py.Dataset) for c in columns) and key.startswith(f"{root}clients/"):
-                steps, clients, values = (c[...] for c in columns)
-                n = min(map(len, (steps, clients, values)))
-                ok = steps[:n] >= 0
-                steps, clients, values = steps[:n][ok].astype(np.int64), clients[:n][ok], values[:n][ok]
+                steps, clients, values = _written(*columns)
                 by_client = np.argsort(clients, kind="stable")
                 ids, starts = np.unique(clients[by_client], return_index=True)
                 rest = key[len(f"{root}clients/"):]
                 for cid, rows in zip(ids, np.split(by_client, starts[1:])):
                     add(f"{root}clients/{cid}/{rest}", steps[rows], values[rows])
             elif all(isinstance(c, h5py.Dataset) for c in (columns[0], columns[2])):
-                steps, values = obj["step"][...], obj["value"][...]
-                n = min(len(steps), len(values))
-                ok = steps[:n] >= 0
-                add(key, steps[:n][ok].astype(np.int64), values[:n][ok])
+                add(key, *_written(columns[0], columns[2]))
             visit(obj, f"{key}/", f"{key}/" if "schema_version" in obj.attrs else root)
 
     with _open(Path(path), "r") as f:
         visit(f, "", "")
     return out
+
+
+def _written(steps: h5py.Dataset, *columns: h5py.Dataset) -> list[np.ndarray]:
+    """The rows of a series or table whose step was written (a live or crashed writer's file may hold
+    more rows in one column than another, or a row not yet filled in): its steps, then its columns."""
+    arrays = [steps[...], *(c[...] for c in columns)]
+    n = min(map(len, arrays))
+    ok = arrays[0][:n] >= 0
+    return [arrays[0][:n][ok].astype(np.int64), *(a[:n][ok] for a in arrays[1:])]
 
 
 def read_attrs(path: str | Path) -> dict[str, Any]:
