@@ -377,8 +377,9 @@ def read_metrics(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
     def add(key: str, steps: np.ndarray, values: np.ndarray) -> None:
         if key in out:  # the rounds before a resume as a series, those after in a table
-            order = np.argsort(np.concatenate([out[key][0], steps]), kind="stable")
-            steps, values = np.concatenate([out[key][0], steps])[order], np.concatenate([out[key][1], values])[order]
+            steps, values = np.concatenate([out[key][0], steps]), np.concatenate([out[key][1], values])
+            order = np.argsort(steps, kind="stable")
+            steps, values = steps[order], values[order]
         out[key] = (steps, values)
 
     def visit(grp: h5py.Group, prefix: str, root: str) -> None:
