@@ -141,7 +141,7 @@ def run_pfl(argv: list[str]) -> dict[str, Any]:
                             get_user_sampler("minimize_reuse", users))
     central = Dataset(raw_data=[loop.test_x, loop.test_y], eval_kwargs={"eval": True})
     local = torch.optim.Adam if cfg.fed.optimizer == "adam" else torch.optim.SGD
-    model = PyTorchModel(module, local_optimizer_create=lambda p, lr: local(p, lr=lr, foreach=True),
+    model = PyTorchModel(module, local_optimizer_create=lambda p, lr: local(p, lr=lr, fused=True),
                          central_optimizer=torch.optim.SGD(loop.trained, lr=1.0))
 
     class TimedEvaluation(CentralEvaluationCallback):  # pfl's own central evaluation, shared among its workers

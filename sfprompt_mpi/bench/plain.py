@@ -96,11 +96,11 @@ class PlainLoop:
 
     def _epochs(self, forward, shard: np.ndarray, gen: torch.Generator, epochs: int, lr: float) -> None:
         fed = self.cfg.fed
-        if fed.optimizer == "adam":  # foreach: PyTorch's fastest CPU form (its default only on CUDA)
-            opt = torch.optim.Adam(self.trained, lr=lr, weight_decay=fed.weight_decay, foreach=True)
+        if fed.optimizer == "adam":  # fused: PyTorch's fastest form on CPU (one kernel per step)
+            opt = torch.optim.Adam(self.trained, lr=lr, weight_decay=fed.weight_decay, fused=True)
         else:
             opt = torch.optim.SGD(self.trained, lr=lr, momentum=fed.momentum, weight_decay=fed.weight_decay,
-                                  foreach=True)
+                                  fused=True)
         self.model.train()
         idx = torch.as_tensor(shard, dtype=torch.long)
         for _ in range(epochs):
