@@ -35,7 +35,7 @@ from mpi4py import MPI
 
 from ..node import NodeLayout, node_layout, poll_until, true_or_none
 from .protocol import (ANY_SOURCE, HEADER_LEN, Header, Kind, Message, PayloadTimeout, ProtocolError, check_arrived,
-                       outgoing, pack_header, unpack_words)
+                       header_bytes, outgoing, unpack_words)
 
 HEADER_TAG = 0x5346  # distinct tags keep the posted header receive from ever matching a payload
 PAYLOAD_TAG = 0x5347
@@ -327,6 +327,7 @@ class MPITransport:
         self._min_spin_s = self.layout.spin_s
         self._spin_s = self._min_spin_s  # how long the next receive spins before it naps
         self._inbox = _HeaderInbox(self.comm)
+        self._payload_status = MPI.Status()  # one thread per transport: one payload receive at a time
         self._closed = False
 
     # ----------------------------------------------------------------- send
@@ -339,7 +340,7 @@ class MPITransport:
         self._reap()
         header = outgoing(kind, tensor, round, attempt, client, step, aux)
         payload = tensor
-        wire = pack_header(header)
+        wire = header_bytes(header)  # MPI reads it as HEADER_LEN int64, as the receive expects
         # The payload is staged before the header leaves, so a failure here
         # cannot leave the receiver with a header whose payload never comes.
         staged = self._stage_payload(dest, payload) if payload is not None and payload.numel() > 0 else None
@@ -400,7 +401,9 @@ class MPITransport:
         self._reap()
         mpi_source = MPI.ANY_SOURCE if source == ANY_SOURCE else source
         take = self._inbox.take
-        got = poll_until(lambda: take(mpi_source), time.monotonic() + timeout, self._spin_s)
+        got = take(mpi_source)  # already here: no waiting loop to set up
+        if got is None:
+            got = poll_until(lambda: take(mpi_source), time.monotonic() + timeout, self._spin_s)
         if got is None:
             who = "any rank" if source == ANY_SOURCE else f"rank {source}"
             raise TimeoutError(f"rank {self.rank}: no message from {who} within {timeout:g} s "
@@ -441,10 +444,11 @@ class MPITransport:
         else:
             out = self._received.take(header.shape, header.dtype, nbytes)
             buf = host_buffer(out)
-        status = MPI.Status()
+        status = self._payload_status
         req = self.comm.Irecv([buf, MPI.BYTE], src, PAYLOAD_TAG)
         try:
-            done = poll_until(lambda: true_or_none(req.Test(status)), deadline, _PAYLOAD_SPIN_S)
+            done = True if req.Test(status) else poll_until(lambda: true_or_none(req.Test(status)), deadline,
+                                                            _PAYLOAD_SPIN_S)
         except MPI.Exception:  # MPI_ERR_TRUNCATE: more bytes came than the header announced
             raise ProtocolError(f"rank {self.rank}: {header.describe()} from rank {src} announced "
                                 f"{nbytes} bytes but more came") from None
