@@ -257,6 +257,27 @@ def test_node_layout_says_when_ranks_outnumber_cpus():
     assert single_process_layout() == NodeLayout(0, 1, len(my_cpus()))
 
 
+@pytest.mark.parametrize("arrives_s", [0.0005, 0.01, 0.3, 5.0])
+def test_a_wait_spins_then_naps_at_most_a_millisecond_and_gives_up_at_its_deadline(monkeypatch, arrives_s):
+    import sfprompt_mpi.node as node
+
+    clock = {"now": 0.0}
+    naps: list[tuple[float, float]] = []  # (when, how long)
+    monkeypatch.setattr(node.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(node.time, "sleep", lambda s: (naps.append((clock["now"], s)), clock.update(now=clock["now"] + s)))
+    monkeypatch.setattr(node.os, "sched_yield", lambda: clock.update(now=clock["now"] + 1e-5))
+
+    got = node.poll_until(lambda: "here" if clock["now"] >= arrives_s else None, 60.0, spin_s=1e-3)
+
+    assert got == "here"
+    assert all(when >= 1e-3 for when, _ in naps)  # the first millisecond spins
+    assert all(s <= 1e-3 for _, s in naps) and clock["now"] - arrives_s <= 1e-3 + 1e-9
+    if arrives_s >= 0.3:  # naps double up to the millisecond
+        assert max(s for _, s in naps) == pytest.approx(1e-3)
+    end = clock["now"] + 0.5
+    assert node.poll_until(lambda: None, end, spin_s=0.0) is None and clock["now"] == pytest.approx(end)
+
+
 def test_reference_run_takes_the_threads_of_a_rank_of_the_one_rank_per_client_job():
     from sfprompt_mpi.config import build_config
     from sfprompt_mpi.node import NodeLayout
