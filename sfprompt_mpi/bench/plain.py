@@ -96,7 +96,7 @@ class PlainLoop:
 
     def _epochs(self, forward, shard: np.ndarray, gen: torch.Generator, epochs: int, lr: float) -> None:
         fed = self.cfg.fed
-        if fed.optimizer == "adam":  # fused: PyTorch's fastest form on CPU (one kernel per step)
+        if fed.optimizer == "adam":  # fused: PyTorch's fastest form on CPU (each tensor in one pass)
             opt = torch.optim.Adam(self.trained, lr=lr, weight_decay=fed.weight_decay, fused=True)
         else:
             opt = torch.optim.SGD(self.trained, lr=lr, momentum=fed.momentum, weight_decay=fed.weight_decay,

@@ -175,7 +175,8 @@ def pack_header(h: Header) -> np.ndarray:
 
 def header_bytes(h: Header) -> bytes:
     """Header -> the HEADER_BYTES bytes of its int64[HEADER_LEN] form (what :func:`pack_header` holds),
-    as a read-only buffer a send can take without building an array: 0.3 instead of 1.5 us."""
+    as a read-only buffer a send can take without building an array: 1.8 instead of 3.5 us
+    with the checks (micro ViT activations, this VM)."""
     if h.shape is not None and len(h.shape) > MAX_DIMS:
         raise ProtocolError(f"{h.describe()}: more than {MAX_DIMS} dimensions")
     code = DTYPE_CODES.get(h.dtype)

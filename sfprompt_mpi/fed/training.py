@@ -37,10 +37,11 @@ def iter_batches(n: int, batch_size: int, generator: torch.Generator | None):
 def make_optimizer(params: list[torch.nn.Parameter], cfg: Config, lr: float) -> torch.optim.Optimizer:
     """The configured optimiser (``fed.optimizer``) over ``params`` at learning rate ``lr``."""
     fed = cfg.fed
-    # fused: one kernel per step for every tensor and operation (CPU and CUDA), instead of a kernel
-    # per operation over all tensors (foreach) or per tensor and operation (PyTorch's CPU default).
-    # An Adam step of the micro ViT takes 2.4 instead of 6.0 ms, 7% of a training step; its last
-    # bits differ from the foreach step's, the same on every rank (docs/benchmarks.md, issue 20).
+    # fused: one call per step that updates each tensor in a single pass (CPU and CUDA), instead of
+    # a pass per operation over all tensors (foreach) or per tensor and operation (PyTorch's CPU
+    # default). An Adam step of the micro ViT takes 1.8-2.3 instead of 4.2-6.1 ms, 7-10% of a
+    # training step; its last bits differ from the foreach step's, the same on every rank
+    # (docs/benchmarks.md, issue 20).
     if fed.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=fed.weight_decay, fused=True)
     return torch.optim.SGD(params, lr=lr, momentum=fed.momentum, weight_decay=fed.weight_decay, fused=True)
